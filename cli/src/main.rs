@@ -1,0 +1,420 @@
+//! `cowherd`: the command-line shell over the unify and builder libraries.
+
+mod bars;
+mod demo;
+mod fmt;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use cowherd_unify::{Access, HostRoot, UnifyOptions, UnifyReport};
+
+use crate::bars::Bars;
+
+/// Exit code: finished, but some files failed or verify found a problem.
+const EXIT_PARTIAL: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "cowherd",
+    version,
+    about = "Deduplicate near-identical Linux guests into a shared content-addressed store",
+    long_about = "Deduplicate near-identical Linux guests (containers, chroots, VServer/OpenVZ-style \
+guests) by hardlinking files that are identical in content, owner, mode, mtime and xattrs to one \
+shared inode in a content-addressed store.",
+    after_help = "Exit codes: 0 done; 1 error; 2 usage error; 3 finished but some files failed \
+(each reported) or verify found a problem."
+)]
+struct Cli {
+    /// The host root holding the store, index and guests.
+    #[arg(long, global = true, env = "COWHERD_ROOT", default_value = cowherd_unify::DEFAULT_ROOT)]
+    root: PathBuf,
+    /// No progress bars.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the root's layout and a default policy.toml (safe to run again).
+    Init,
+    /// Move an existing directory tree in as a guest (a rename: never a copy).
+    Adopt {
+        /// The tree to adopt; must be a real directory on the root's filesystem.
+        path: PathBuf,
+        /// The guest's name: 1-64 of a-z A-Z 0-9 . _ -
+        #[arg(long)]
+        name: String,
+        /// Print the new guest's record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List guests.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Link identical files of guests to shared store objects.
+    #[command(
+        long_about = "Index the guests and replace every eligible file by a hardlink to the store \
+object with the same key: BLAKE3 of content, size, mode, uid, gid, mtime and all xattrs. A path is \
+replaced by link-to-temporary, re-check, rename: it never disappears, and a file changed since it \
+was hashed is left alone. Guests must not be mounted."
+    )]
+    Unify(UnifyArgs),
+    /// Show logical, physical and saved bytes per guest and in total.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// How many of the most-saving objects to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Re-hash every store object; report corrupt objects and stale index entries.
+    Verify {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove store objects no guest links to any more.
+    Gc {
+        /// List what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build near-identical synthetic guests in a temporary root, unify them, show the savings.
+    Demo {
+        /// Build the demo root in DIR (must not exist or be empty) and keep it.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+        /// How many guests to generate.
+        #[arg(long, default_value_t = 12)]
+        guests: usize,
+        /// Print the unify report and stats as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct UnifyArgs {
+    /// Guests to unify.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    guests: Vec<String>,
+    /// Unify every guest.
+    #[arg(long)]
+    all: bool,
+    /// Hash and report exactly what would be linked and saved; change nothing.
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Leave mtime out of the key: files differing only in mtime are shared, and the shared
+    /// inode keeps the mtime of the first file stored under that key.
+    #[arg(long)]
+    ignore_mtime: bool,
+    /// Smallest file to link, in bytes (empty files are never linked).
+    #[arg(long, default_value_t = 1, value_name = "BYTES")]
+    min_size: u64,
+    /// Most links per store object (the filesystem's limit applies too); past it a second
+    /// object with the same key is started.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    max_links: Option<u64>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// List every path linked (or, with --dry-run, that would be).
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn open(root: &Path, access: Access) -> Result<HostRoot> {
+    Ok(HostRoot::open(root, access)?)
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    let bars = Bars::new(cli.quiet);
+    match cli.command {
+        Command::Init => {
+            let root = HostRoot::init(&cli.root)
+                .with_context(|| format!("initialising {}", cli.root.display()))?;
+            println!("initialised {}", root.path().display());
+            Ok(0)
+        }
+        Command::Adopt { path, name, json } => {
+            let root = open(&cli.root, Access::Write)?;
+            let record = cowherd_unify::adopt(&root, &path, &name)
+                .with_context(|| format!("adopting {} as {name:?}", path.display()))?;
+            if json {
+                print_json(&record)?;
+            } else {
+                println!("adopted {} as guest {name}", path.display());
+            }
+            Ok(0)
+        }
+        Command::List { json } => list(&cli.root, json),
+        Command::Unify(args) => unify(&cli.root, args, &bars),
+        Command::Stats { json, top } => {
+            let root = open(&cli.root, Access::Read)?;
+            let stats = cowherd_unify::stats(&root, top)?;
+            if json {
+                print_json(&stats)?
+            } else {
+                print_stats(&stats)
+            }
+            Ok(0)
+        }
+        Command::Verify { json } => {
+            let root = open(&cli.root, Access::Read)?;
+            let report = cowherd_unify::verify(&root, &bars)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                for p in &report.corrupt {
+                    println!("CORRUPT {}: {}", p.what, p.problem);
+                }
+                for p in &report.stale {
+                    println!("stale   {}: {}", p.what, p.problem);
+                }
+                println!(
+                    "checked {} objects ({}): {} corrupt; {} stale index entries{}",
+                    report.objects_checked,
+                    fmt::bytes(report.bytes_checked),
+                    report.corrupt.len(),
+                    report.stale.len(),
+                    if report.stale.is_empty() {
+                        ""
+                    } else {
+                        " (run `cowherd unify` to refresh)"
+                    }
+                );
+            }
+            Ok(if report.corrupt.is_empty() {
+                0
+            } else {
+                EXIT_PARTIAL
+            })
+        }
+        Command::Gc { dry_run, json } => {
+            let root = open(&cli.root, Access::Write)?;
+            let report = cowherd_unify::gc(&root, dry_run)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                for name in &report.removed {
+                    println!(
+                        "{} {name}",
+                        if dry_run { "would remove" } else { "removed" }
+                    );
+                }
+                println!(
+                    "{} {} unreferenced objects ({}); {} objects in use",
+                    if dry_run { "would remove" } else { "removed" },
+                    report.removed.len(),
+                    fmt::bytes(report.removed_bytes),
+                    report.kept
+                );
+            }
+            Ok(0)
+        }
+        Command::Demo { keep, guests, json } => demo::run(keep, guests, json, &bars),
+    }
+}
+
+fn list(root: &Path, json: bool) -> Result<u8> {
+    let root = open(root, Access::Read)?;
+    let stats = cowherd_unify::stats(&root, 0)?;
+    #[derive(serde::Serialize)]
+    struct Row {
+        name: String,
+        origin: cowherd_unify::Origin,
+        created_unix: i64,
+        files: u64,
+        linked_files: u64,
+        logical_bytes: u64,
+        last_unify: Option<i64>,
+    }
+    let mut rows = Vec::new();
+    for g in stats.guests {
+        let record = cowherd_unify::guest_record(&root, &g.name)?;
+        rows.push(Row {
+            name: g.name,
+            origin: record.origin,
+            created_unix: record.created_unix,
+            files: g.files,
+            linked_files: g.linked_files,
+            logical_bytes: g.logical_bytes,
+            last_unify: g.last_unify,
+        });
+    }
+    if json {
+        print_json(&rows)?;
+    } else {
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.name.clone(),
+                    format!("{:?}", r.origin.kind).to_lowercase(),
+                    r.files.to_string(),
+                    r.linked_files.to_string(),
+                    fmt::bytes(r.logical_bytes),
+                    r.last_unify.map_or("never".into(), |t| format!("@{t}")),
+                ]
+            })
+            .collect();
+        fmt::table(
+            &["GUEST", "ORIGIN", "FILES", "LINKED", "LOGICAL", "UNIFIED"],
+            &cells,
+        );
+    }
+    Ok(0)
+}
+
+fn unify(root: &Path, args: UnifyArgs, bars: &Bars) -> Result<u8> {
+    let root = open(root, Access::Write)?;
+    let opts = UnifyOptions {
+        dry_run: args.dry_run,
+        ignore_mtime: args.ignore_mtime,
+        min_size: args.min_size,
+        max_links: args.max_links,
+        list_paths: args.verbose,
+    };
+    let report = cowherd_unify::unify(&root, &args.guests, &opts, bars).context("unify")?;
+    for failure in &report.failures {
+        eprintln!("warning: {failure}");
+    }
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print_unify(&report, args.verbose);
+    }
+    if report.guests.is_empty() && report.failures.is_empty() {
+        bail!(
+            "no guests in {} (adopt one with `cowherd adopt PATH --name NAME`)",
+            root.path().display()
+        );
+    }
+    Ok(if report.failures.is_empty() {
+        0
+    } else {
+        EXIT_PARTIAL
+    })
+}
+
+fn print_unify(r: &UnifyReport, verbose: bool) {
+    if verbose {
+        for p in &r.linked {
+            println!(
+                "{} {}:{} -> {}",
+                if r.dry_run { "would link" } else { "linked" },
+                p.guest,
+                p.path,
+                p.object
+            );
+        }
+    }
+    let would = if r.dry_run { "would " } else { "" };
+    println!(
+        "{} guests: {} files scanned ({} new, {} changed, {} removed)",
+        r.guests.len(),
+        r.files_scanned,
+        r.files_new,
+        r.files_changed,
+        r.files_removed
+    );
+    println!(
+        "hashed {} files ({}), {} by partial hash only",
+        r.hashed_files,
+        fmt::bytes(r.hashed_bytes),
+        r.partial_hashed_files
+    );
+    println!(
+        "{would}link {} files, {would}create {} objects; {would}save {}",
+        r.linked_files,
+        r.objects_created,
+        fmt::bytes(r.saved_bytes)
+    );
+    if r.skipped_changed > 0 {
+        println!(
+            "{} files changed while running and were left alone",
+            r.skipped_changed
+        );
+    }
+    if !r.failures.is_empty() {
+        println!("{} failures (see warnings above)", r.failures.len());
+    }
+}
+
+fn print_stats(s: &cowherd_unify::Stats) {
+    let rows: Vec<Vec<String>> = s
+        .guests
+        .iter()
+        .map(|g| {
+            vec![
+                g.name.clone(),
+                g.files.to_string(),
+                g.linked_files.to_string(),
+                fmt::bytes(g.logical_bytes),
+                fmt::bytes(g.private_bytes),
+                fmt::bytes(g.shared_bytes),
+            ]
+        })
+        .collect();
+    fmt::table(
+        &["GUEST", "FILES", "LINKED", "LOGICAL", "PRIVATE", "SHARED"],
+        &rows,
+    );
+    let t = &s.total;
+    println!();
+    println!(
+        "total: {} guests, {} files, {} objects; logical {}, physical {}, saved {} (ratio {:.2}x)",
+        t.guests,
+        t.files,
+        t.objects,
+        fmt::bytes(t.logical_bytes),
+        fmt::bytes(t.physical_bytes),
+        fmt::bytes(t.saved_bytes),
+        t.ratio
+    );
+    if !s.top.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = s
+            .top
+            .iter()
+            .map(|o| {
+                vec![
+                    o.object[..16].to_string(),
+                    o.links.to_string(),
+                    fmt::bytes(o.size),
+                    fmt::bytes(o.saved_bytes),
+                    o.example.clone(),
+                ]
+            })
+            .collect();
+        fmt::table(&["OBJECT", "LINKS", "SIZE", "SAVED", "EXAMPLE"], &rows);
+    }
+}

@@ -1,0 +1,147 @@
+//! The library's error type: every variant names the path it concerns.
+
+use std::path::PathBuf;
+
+use crate::policy::PolicyError;
+
+/// Everything that can go wrong in the unify library.
+///
+/// Each variant carries the path it concerns, and its message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O or system-call failure on a path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path the call was about.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host root does not exist or was never initialised.
+    #[error("{path} is not a cowherd root (no index.db): run `cowherd --root {path} init` first")]
+    NotARoot {
+        /// The root asked for.
+        path: PathBuf,
+    },
+    /// Two parts of the layout are on different filesystems.
+    #[error(
+        "{path} is on a different filesystem than {other}; hardlinks cannot cross filesystems \
+         (move it onto the filesystem of {other})"
+    )]
+    CrossFilesystem {
+        /// The offending path.
+        path: PathBuf,
+        /// The path it must share a filesystem with.
+        other: PathBuf,
+    },
+    /// A path that must be a real directory is a symlink (or resolves through one).
+    #[error("{path} is a symlink or passes through one; refusing to follow it (use the real path)")]
+    Symlink {
+        /// The offending path.
+        path: PathBuf,
+    },
+    /// Another cowherd process holds the root's lock.
+    #[error("another cowherd process is working on {path} (lock held); wait for it to finish")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// A guest name is not acceptable.
+    #[error(
+        "invalid guest name {name:?}: use 1-64 characters of a-z A-Z 0-9 . _ - not starting with . or -"
+    )]
+    BadGuestName {
+        /// The rejected name.
+        name: String,
+    },
+    /// The guest asked for does not exist.
+    #[error("no guest named {name:?} in {path} (see `cowherd list`)")]
+    NoSuchGuest {
+        /// The name asked for.
+        name: String,
+        /// The guests directory.
+        path: PathBuf,
+    },
+    /// A guest with this name exists already.
+    #[error("a guest named {name:?} exists already at {path}")]
+    GuestExists {
+        /// The name asked for.
+        name: String,
+        /// Its directory.
+        path: PathBuf,
+    },
+    /// A guest is mounted, so its lower layer must not change.
+    #[error(
+        "guest {name:?} is in use: {path} is mounted; unmount it first (changing a lower layer under a mounted overlay is undefined)"
+    )]
+    Mounted {
+        /// The guest.
+        name: String,
+        /// The mount point found.
+        path: PathBuf,
+    },
+    /// A record or policy file could not be read.
+    #[error("{path}: {message}")]
+    BadRecord {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A marker policy is invalid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The index database failed.
+    #[error("index {path}: {source}")]
+    Index {
+        /// The database file.
+        path: PathBuf,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// Something that must be a directory is not.
+    #[error("{path} is not a directory")]
+    NotADirectory {
+        /// The offending path.
+        path: PathBuf,
+    },
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches a path to `std::io` and `nix` errors.
+pub(crate) trait PathContext<T> {
+    /// Turns the error into [`Error::Io`] naming `path`.
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> PathContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })
+    }
+}
+
+impl<T> PathContext<T> for nix::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| Error::Io {
+            path: path.into(),
+            source: std::io::Error::from(e),
+        })
+    }
+}
+
+impl Error {
+    /// The `errno` behind this error, if it came from a system call.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! fd-relative filesystem helpers: guest trees are untrusted, so nothing here follows a symlink.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::AtFlags;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{FileStat, Mode};
+
+use crate::error::{Error, PathContext, Result};
+
+/// The stat fields cowherd compares and stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Stat {
+    pub dev: u64,
+    pub ino: u64,
+    pub mode: u32,
+    pub nlink: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub blocks: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl Stat {
+    /// Whether this is a regular file.
+    pub fn is_file(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFREG
+    }
+
+    /// Whether this is a directory.
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+
+    /// Whether content and metadata are as recorded: same inode, size, mtime, ctime, mode
+    /// and owner.
+    pub fn unchanged_since(&self, then: &Stat) -> bool {
+        self.same_content_identity(then) && self.ctime_ns == then.ctime_ns
+    }
+
+    /// Like [`Stat::unchanged_since`] but without ctime, which our own link-count changes
+    /// move.
+    pub fn same_content_identity(&self, then: &Stat) -> bool {
+        self.ino == then.ino
+            && self.dev == then.dev
+            && self.size == then.size
+            && self.mtime_ns == then.mtime_ns
+            && self.mode == then.mode
+            && self.uid == then.uid
+            && self.gid == then.gid
+    }
+}
+
+impl From<FileStat> for Stat {
+    fn from(s: FileStat) -> Self {
+        Stat {
+            dev: s.st_dev,
+            ino: s.st_ino,
+            mode: s.st_mode,
+            nlink: s.st_nlink,
+            uid: s.st_uid,
+            gid: s.st_gid,
+            size: s.st_size as u64,
+            blocks: s.st_blocks as u64,
+            mtime_ns: s.st_mtime * 1_000_000_000 + s.st_mtime_nsec,
+            ctime_ns: s.st_ctime * 1_000_000_000 + s.st_ctime_nsec,
+        }
+    }
+}
+
+impl From<&std::fs::Metadata> for Stat {
+    fn from(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Stat {
+            dev: m.dev(),
+            ino: m.ino(),
+            mode: m.mode(),
+            nlink: m.nlink(),
+            uid: m.uid(),
+            gid: m.gid(),
+            size: m.size(),
+            blocks: m.blocks(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        }
+    }
+}
+
+/// Joins a host directory and a relative byte path, for messages.
+pub(crate) fn join(dir: &Path, rel: &[u8]) -> PathBuf {
+    if rel.is_empty() {
+        dir.to_path_buf()
+    } else {
+        dir.join(OsStr::from_bytes(rel))
+    }
+}
+
+/// Splits `a/b/c` into (`a/b`, `c`); a bare name has an empty parent.
+pub(crate) fn split_parent(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&[], rel),
+    }
+}
+
+fn beneath() -> ResolveFlag {
+    ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_XDEV
+}
+
+/// Opens `rel` below `dir` without following any symlink and without leaving `dir`'s mount.
+///
+/// # Errors
+/// `ELOOP` for a symlink on the way, `EXDEV` for a mount point crossed, and the usual open errors.
+pub(crate) fn open_beneath(dir: BorrowedFd<'_>, rel: &[u8], flags: OFlag) -> nix::Result<OwnedFd> {
+    let rel: &[u8] = if rel.is_empty() { b"." } else { rel };
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(beneath());
+    nix::fcntl::openat2(dir, OsStr::from_bytes(rel), how)
+}
+
+/// Opens the directory `rel` below `dir` (whose host path is `dir_path`), see [`open_beneath`].
+///
+/// # Errors
+/// [`Error::Symlink`] for a symlink on the way, [`Error::CrossFilesystem`] for a mount point
+/// crossed, [`Error::NotADirectory`], or [`Error::Io`].
+pub(crate) fn open_dir_beneath(
+    dir: BorrowedFd<'_>,
+    dir_path: &Path,
+    rel: &[u8],
+) -> Result<OwnedFd> {
+    let shown = || join(dir_path, rel);
+    open_beneath(dir, rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY).map_err(|e| match e {
+        nix::errno::Errno::ELOOP => Error::Symlink { path: shown() },
+        nix::errno::Errno::EXDEV => Error::CrossFilesystem {
+            path: shown(),
+            other: dir_path.to_path_buf(),
+        },
+        nix::errno::Errno::ENOTDIR => Error::NotADirectory { path: shown() },
+        e => Error::Io {
+            path: shown(),
+            source: e.into(),
+        },
+    })
+}
+
+/// Opens a host directory given by absolute path; the last component must not be a symlink.
+pub(crate) fn open_dir(path: &Path) -> Result<OwnedFd> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        nix::errno::Errno::ELOOP => Error::Symlink {
+            path: path.to_path_buf(),
+        },
+        nix::errno::Errno::ENOTDIR => Error::NotADirectory {
+            path: path.to_path_buf(),
+        },
+        e => Error::Io {
+            path: path.to_path_buf(),
+            source: e.into(),
+        },
+    })
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
+pub(crate) fn lstat_at(dir: BorrowedFd<'_>, name: &[u8]) -> nix::Result<Stat> {
+    nix::sys::stat::fstatat(dir, OsStr::from_bytes(name), AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map(Stat::from)
+}
+
+/// `fstat(fd)`.
+pub(crate) fn fstat(fd: impl AsFd) -> nix::Result<Stat> {
+    nix::sys::stat::fstat(fd).map(Stat::from)
+}
+
+/// `lstat` of a host path, with the path in the error.
+pub(crate) fn lstat_path(path: &Path) -> Result<Stat> {
+    std::fs::symlink_metadata(path)
+        .map(|m| Stat::from(&m))
+        .at(path)
+}
+
+/// Creates `path` as a directory (and its parents) if missing.
+pub(crate) fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .at(path)
+}
+
+/// Reads all extended attributes of an open file, sorted by name.
+pub(crate) fn read_xattrs(file: &std::fs::File) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    use xattr::FileExt;
+    let mut out = Vec::new();
+    for name in file.list_xattr()? {
+        if let Some(value) = file.get_xattr(&name)? {
+            out.push((name.as_bytes().to_vec(), value));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Sets a file's mtime (and leaves atime alone).
+pub(crate) fn set_mtime(fd: impl AsFd, mtime_ns: i64) -> nix::Result<()> {
+    use nix::sys::time::TimeSpec;
+    let mt = TimeSpec::new(
+        mtime_ns.div_euclid(1_000_000_000),
+        mtime_ns.rem_euclid(1_000_000_000),
+    );
+    nix::sys::stat::futimens(fd, &TimeSpec::UTIME_OMIT, &mt)
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp).at(&tmp)?;
+    f.write_all(bytes).at(&tmp)?;
+    f.sync_all().at(&tmp)?;
+    std::fs::rename(&tmp, path).at(path)
+}

@@ -1,0 +1,143 @@
+//! What operations report: the `unify` summary, per-file failures, and path display.
+
+use serde::Serialize;
+
+use crate::guest::OpenGuest;
+
+/// Shows a path's bytes as text: valid UTF-8 as is, other bytes and control characters
+/// escaped (`\xff`, `\n`), backslashes doubled — unambiguous, one line.
+pub fn display_path(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// A file (or guest) that could not be processed; the run went on without it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Failure {
+    /// The guest, if any.
+    pub guest: String,
+    /// The guest-absolute path (escaped as by [`display_path`]), empty for a whole guest.
+    pub path: String,
+    /// What went wrong.
+    pub error: String,
+}
+
+impl Failure {
+    pub(crate) fn new(guest: &OpenGuest, rel: &[u8], error: String) -> Failure {
+        let mut abs = b"/".to_vec();
+        abs.extend_from_slice(rel);
+        Failure {
+            guest: guest.name.clone(),
+            path: display_path(&abs),
+            error,
+        }
+    }
+
+    pub(crate) fn guest(name: &str, error: String) -> Failure {
+        Failure {
+            guest: name.to_string(),
+            path: String::new(),
+            error,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.guest.is_empty(), self.path.is_empty()) {
+            (true, _) => write!(f, "{}", self.error),
+            (false, true) => write!(f, "guest {}: {}", self.guest, self.error),
+            (false, false) => write!(f, "guest {} {}: {}", self.guest, self.path, self.error),
+        }
+    }
+}
+
+/// A path that was (or, in a dry run, would be) linked to a store object.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkedPath {
+    /// The guest.
+    pub guest: String,
+    /// The guest-absolute path, escaped as by [`display_path`].
+    pub path: String,
+    /// The store object's name.
+    pub object: String,
+    /// The file's size.
+    pub size: u64,
+}
+
+impl LinkedPath {
+    pub(crate) fn new(guest: &OpenGuest, rel: &[u8], object: &str, size: u64) -> LinkedPath {
+        let mut abs = b"/".to_vec();
+        abs.extend_from_slice(rel);
+        LinkedPath {
+            guest: guest.name.clone(),
+            path: display_path(&abs),
+            object: object.to_string(),
+            size,
+        }
+    }
+}
+
+/// The summary of a `unify` run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UnifyReport {
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// The guests unified.
+    pub guests: Vec<String>,
+    /// Regular files seen.
+    pub files_scanned: u64,
+    /// Files not in the index before.
+    pub files_new: u64,
+    /// Files whose inode, size, mtime or ctime changed since the last run.
+    pub files_changed: u64,
+    /// Files gone since the last run.
+    pub files_removed: u64,
+    /// Inodes whose first and last 4 KiB were read.
+    pub partial_hashed_files: u64,
+    /// Inodes read in full.
+    pub hashed_files: u64,
+    /// Bytes read in full.
+    pub hashed_bytes: u64,
+    /// Store objects made (or that would be made).
+    pub objects_created: u64,
+    /// Paths replaced by (or that would be replaced by) store links.
+    pub linked_files: u64,
+    /// Bytes freed (allocated blocks of inodes no longer referenced).
+    pub saved_bytes: u64,
+    /// Files left alone because they changed between hashing and linking.
+    pub skipped_changed: u64,
+    /// Files or guests that failed; the run went on without them.
+    pub failures: Vec<Failure>,
+    /// Every linked path, when asked for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub linked: Vec<LinkedPath>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::display_path;
+
+    #[test]
+    fn display_path_escapes_what_is_not_plain_text() {
+        assert_eq!(display_path(b"/usr/bin/ls"), "/usr/bin/ls");
+        assert_eq!(display_path(b"/a\nb"), "/a\\nb");
+        assert_eq!(display_path(b"/caf\xe9"), "/caf\\xe9");
+        assert_eq!(display_path("/über".as_bytes()), "/über");
+        assert_eq!(display_path(b"/a\\b"), "/a\\\\b");
+    }
+}

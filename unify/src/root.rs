@@ -1,0 +1,223 @@
+//! The host root: its on-disk layout, the one-filesystem rule and the writer lock.
+//!
+//! ```text
+//! $ROOT (default /var/lib/cowherd), one filesystem
+//! ├── index.db                 SQLite (WAL): guests, files, objects, journal
+//! ├── policy.toml              default marker policy
+//! ├── lock                     flock(2): one writer at a time
+//! ├── store/
+//! │   ├── objects/ab/<key>.c0  shared inodes ("c" cow, "i" immutable; 0,1,… past EMLINK)
+//! │   └── tmp/                 objects being copied in; emptied by every writer
+//! ├── templates/
+//! └── guests/<name>/
+//!     ├── guest.toml           the guest's record
+//!     ├── base/                lower layer: the guest's tree
+//!     ├── upper/  work/        private copy-on-write layer
+//!     └── rootfs/              overlay mount point
+//! ```
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::error::{Error, PathContext, Result};
+use crate::fsx::{self, Stat};
+use crate::index::Index;
+use crate::policy::DEFAULT_POLICY_TOML;
+
+/// The default host root.
+pub const DEFAULT_ROOT: &str = "/var/lib/cowherd";
+
+/// Directories every root has, relative to it.
+const LAYOUT: [&str; 5] = ["store", "store/objects", "store/tmp", "templates", "guests"];
+
+/// Whether a command only reads the root or may change it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Reads only; takes no lock.
+    Read,
+    /// Changes guests or the store; holds the exclusive lock and first repairs what an
+    /// interrupted run left behind.
+    Write,
+}
+
+/// An opened host root.
+pub struct HostRoot {
+    path: PathBuf,
+    dev: u64,
+    objects_fd: OwnedFd,
+    tmp_fd: OwnedFd,
+    guests_fd: OwnedFd,
+    link_max: u64,
+    _lock: Option<Flock<File>>,
+    pub(crate) index: Index,
+}
+
+impl std::fmt::Debug for HostRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostRoot")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostRoot {
+    /// Creates the layout at `path` (idempotent) and opens it for writing.
+    ///
+    /// # Errors
+    /// I/O errors creating the directories, [`Error::CrossFilesystem`] if a part of the
+    /// layout is on another filesystem, [`Error::Index`] if the database cannot be created.
+    pub fn init(path: &Path) -> Result<HostRoot> {
+        fsx::ensure_dir(path, 0o755)?;
+        let path = std::fs::canonicalize(path).at(path)?;
+        for dir in LAYOUT {
+            let p = path.join(dir);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.file_type().is_symlink() => return Err(Error::Symlink { path: p }),
+                Ok(_) => {}
+                Err(_) => fsx::ensure_dir(&p, if dir == "store/tmp" { 0o700 } else { 0o755 })?,
+            }
+        }
+        let policy = path.join("policy.toml");
+        if std::fs::symlink_metadata(&policy).is_err() {
+            fsx::write_atomic(&policy, DEFAULT_POLICY_TOML.as_bytes())?;
+        }
+        Index::open(&path.join("index.db"))?;
+        HostRoot::open(&path, Access::Write)
+    }
+
+    /// Opens an initialised root.
+    ///
+    /// # Errors
+    /// [`Error::NotARoot`] if `path` has no index, [`Error::CrossFilesystem`] or
+    /// [`Error::Symlink`] if the layout is broken, [`Error::Locked`] if another writer is
+    /// running (for [`Access::Write`]).
+    pub fn open(path: &Path, access: Access) -> Result<HostRoot> {
+        if std::fs::symlink_metadata(path.join("index.db")).is_err() {
+            return Err(Error::NotARoot {
+                path: path.to_path_buf(),
+            });
+        }
+        let path = std::fs::canonicalize(path).at(path)?;
+        let root_fd = fsx::open_dir(&path)?;
+        let dev = fsx::fstat(&root_fd).at(&path)?.dev;
+        let sub = |rel: &str| fsx::open_dir_beneath(root_fd.as_fd(), &path, rel.as_bytes());
+        for dir in LAYOUT {
+            let fd = sub(dir)?;
+            if fsx::fstat(&fd).at(path.join(dir))?.dev != dev {
+                return Err(Error::CrossFilesystem {
+                    path: path.join(dir),
+                    other: path.clone(),
+                });
+            }
+        }
+        let objects_fd = sub("store/objects")?;
+        let tmp_fd = sub("store/tmp")?;
+        let guests_fd = sub("guests")?;
+        let link_max = nix::unistd::fpathconf(&objects_fd, nix::unistd::PathconfVar::LINK_MAX)
+            .ok()
+            .flatten()
+            .map_or(65_000, |v| v as u64);
+        let lock = match access {
+            Access::Read => None,
+            Access::Write => Some(take_lock(&path.join("lock"))?),
+        };
+        let index = Index::open(&path.join("index.db"))?;
+        let root = HostRoot {
+            path,
+            dev,
+            objects_fd,
+            tmp_fd,
+            guests_fd,
+            link_max,
+            _lock: lock,
+            index,
+        };
+        if access == Access::Write {
+            crate::recover::recover(&root)?;
+        }
+        Ok(root)
+    }
+
+    /// The root's canonical path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory holding the guests.
+    pub fn guests_dir(&self) -> PathBuf {
+        self.path.join("guests")
+    }
+
+    /// The store's object directory.
+    pub fn objects_dir(&self) -> PathBuf {
+        self.path.join("store/objects")
+    }
+
+    /// The store's scratch directory.
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.path.join("store/tmp")
+    }
+
+    /// The default policy file.
+    pub fn policy_path(&self) -> PathBuf {
+        self.path.join("policy.toml")
+    }
+
+    /// The filesystem every part of the root is on.
+    pub(crate) fn dev(&self) -> u64 {
+        self.dev
+    }
+
+    /// The filesystem's limit of links per inode.
+    pub(crate) fn link_max(&self) -> u64 {
+        self.link_max
+    }
+
+    pub(crate) fn objects_fd(&self) -> BorrowedFd<'_> {
+        self.objects_fd.as_fd()
+    }
+
+    pub(crate) fn tmp_fd(&self) -> BorrowedFd<'_> {
+        self.tmp_fd.as_fd()
+    }
+
+    pub(crate) fn guests_fd(&self) -> BorrowedFd<'_> {
+        self.guests_fd.as_fd()
+    }
+
+    /// Checks that `stat` (of something at `path`) is on the root's filesystem.
+    pub(crate) fn check_same_fs(&self, stat: &Stat, path: &Path) -> Result<()> {
+        if stat.dev == self.dev {
+            Ok(())
+        } else {
+            Err(Error::CrossFilesystem {
+                path: path.to_path_buf(),
+                other: self.objects_dir(),
+            })
+        }
+    }
+}
+
+fn take_lock(path: &Path) -> Result<Flock<File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .at(path)?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            Error::Locked {
+                path: path.to_path_buf(),
+            }
+        } else {
+            Error::Io {
+                path: path.to_path_buf(),
+                source: errno.into(),
+            }
+        }
+    })
+}

@@ -1,0 +1,994 @@
+//! `unify`: scan → size groups → partial hash → full hash → plan objects → replace paths.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use rayon::prelude::*;
+use rusqlite::{Connection, named_params, params};
+
+use crate::error::{Error, PathContext, Result};
+use crate::fsx::{self, Stat};
+use crate::guest::{OpenGuest, guest_names, open_guest};
+use crate::key::{self, Hash32, KeyParts, PARTIAL_MIN_SIZE};
+use crate::policy::Marker;
+use crate::progress::{Phase, Progress};
+use crate::report::{Failure, LinkedPath, UnifyReport};
+use crate::root::HostRoot;
+use crate::scan::scan_guest;
+use crate::store::{self, Object, ObjectSpec};
+
+/// How `unify` behaves.
+#[derive(Clone, Debug)]
+pub struct UnifyOptions {
+    /// Hash and report, but change no guest file and create no object.
+    pub dry_run: bool,
+    /// Leave mtime out of the key (the shared inode keeps the first file's mtime).
+    pub ignore_mtime: bool,
+    /// Smallest file size to link; never below 1 (empty files are never shared).
+    pub min_size: u64,
+    /// Most links per store object; the filesystem's own limit applies too.
+    pub max_links: Option<u64>,
+    /// Record every linked path in the report.
+    pub list_paths: bool,
+}
+
+impl Default for UnifyOptions {
+    fn default() -> Self {
+        UnifyOptions {
+            dry_run: false,
+            ignore_mtime: false,
+            min_size: 1,
+            max_links: None,
+            list_paths: false,
+        }
+    }
+}
+
+/// Paths replaced per journal batch.
+const CHUNK: i64 = 1024;
+/// Hash jobs per parallel batch.
+const HASH_BATCH: i64 = 256;
+
+/// Unifies the named guests (all guests if `names` is empty).
+///
+/// # Algorithm
+/// 1. **Scan** each guest into the index (one `lstat` per file; unchanged files keep their hashes,
+///    files already linked to the store are recognised by inode).
+/// 2. **Group** eligible files (marker not private, size ≥ `min_size`, not yet linked) by
+///    (size, mode, uid, gid, mtime); a group needs two distinct inodes or an existing object
+///    with the same metadata, else nothing in it is read.
+/// 3. **Partial hash** (first and last 4 KiB) of large files in groups without an object; only
+///    inodes whose partial hash repeats go on. 4. **Full hash** of the rest, once per inode, in
+///    parallel, with the xattrs read from the same fd.
+/// 5. **Plan**: for each (key, marker) group find a store object with room for the links
+///    (EMLINK starts `<key>.c1`), else make one by adopting an inode whose every link is in the
+///    group, else by copying.
+/// 6. **Replace**, a directory batch at a time: journal the directories' mtimes, then for each
+///    path `linkat(object, tmp)`, re-`lstat` the path (inode, size, mtime, ctime, mode, owner as
+///    hashed), `renameat(tmp, path)`; restore the directory mtimes; drop the journal rows.
+///
+/// # Errors
+/// Fatal errors (index, store, a guest that cannot be opened when it is the only one) are
+/// returned; a failure on one file is recorded in the report and the file skipped.
+pub fn unify(
+    root: &HostRoot,
+    names: &[String],
+    opts: &UnifyOptions,
+    progress: &dyn Progress,
+) -> Result<UnifyReport> {
+    let mut report = UnifyReport {
+        dry_run: opts.dry_run,
+        ..UnifyReport::default()
+    };
+    let all = names.is_empty();
+    let names = if all {
+        guest_names(root)?
+    } else {
+        names.to_vec()
+    };
+    if all {
+        root.index.prune_guests(&names)?;
+    }
+    let mut guests = Vec::new();
+    for name in &names {
+        match open_guest(root, name) {
+            Ok(g) => guests.push(g),
+            Err(e) if names.len() == 1 => return Err(e),
+            Err(e) => report.failures.push(Failure::guest(name, e.to_string())),
+        }
+    }
+    report.guests = guests.iter().map(|g| g.name.clone()).collect();
+    if guests.is_empty() {
+        return Ok(report);
+    }
+
+    progress.start(Phase::Scan, None);
+    for guest in &guests {
+        scan_guest(root, guest, &mut report, progress)?;
+    }
+    progress.finish();
+
+    let opts = UnifyOptions {
+        min_size: opts.min_size.max(1),
+        ..opts.clone()
+    };
+    let by_id: HashMap<i64, &OpenGuest> = guests.iter().map(|g| (g.id, g)).collect();
+    build_candidates(root, &guests, &opts)?;
+    hash_stage(root, &by_id, Stage::Partial, &mut report, progress)?;
+    hash_stage(root, &by_id, Stage::Full, &mut report, progress)?;
+    let copied_blocks = plan(root, &by_id, &opts, &mut report)?;
+    if !opts.dry_run {
+        replace_all(root, &by_id, &opts, &mut report, progress)?;
+        for e in store::restore_immutable(root)? {
+            report.failures.push(Failure {
+                guest: String::new(),
+                path: String::new(),
+                error: e.to_string(),
+            });
+        }
+        root.index.exec(
+            "UPDATE guests SET last_unify = strftime('%s','now') WHERE id IN (SELECT id FROM sel)",
+            [],
+        )?;
+    } else {
+        report.linked_files = root
+            .index
+            .conn
+            .query_row("SELECT COUNT(*) FROM plan", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| root.index.err(e))? as u64;
+        if opts.list_paths {
+            list_planned(root, &by_id, &mut report)?;
+        }
+    }
+    report.saved_bytes = saved_bytes(&root.index.conn, opts.dry_run)
+        .map_err(|e| root.index.err(e))?
+        .saturating_sub(copied_blocks * 512);
+    Ok(report)
+}
+
+/// Materialises the eligible files of the selected guests and their size groups.
+fn build_candidates(root: &HostRoot, guests: &[OpenGuest], opts: &UnifyOptions) -> Result<()> {
+    let idx = &root.index;
+    idx.conn
+        .execute_batch(
+            "DROP TABLE IF EXISTS temp.sel; DROP TABLE IF EXISTS temp.cand;
+             DROP TABLE IF EXISTS temp.sg; DROP TABLE IF EXISTS temp.plan;
+             CREATE TEMP TABLE sel(id INTEGER PRIMARY KEY);",
+        )
+        .map_err(|e| idx.err(e))?;
+    for g in guests {
+        idx.exec("INSERT INTO sel(id) VALUES (?1)", [g.id])?;
+    }
+    let ign = opts.ignore_mtime;
+    idx.conn
+        .execute(
+            "CREATE TEMP TABLE cand AS
+             SELECT guest_id, path, ino, nlink, size, blocks, mode, uid, gid, mtime_ns, ctime_ns,
+                    CASE WHEN :ign THEN 0 ELSE mtime_ns END AS mt, marker, phash, chash, xhash
+             FROM files
+             WHERE guest_id IN (SELECT id FROM sel) AND marker > 0 AND size >= :min
+               AND object_id IS NULL",
+            named_params! {":ign": ign, ":min": opts.min_size as i64},
+        )
+        .map_err(|e| idx.err(e))?;
+    idx.conn
+        .execute_batch(
+            "CREATE INDEX temp.cand_group ON cand(size, mode, uid, gid, mt);
+             CREATE INDEX temp.cand_ino ON cand(ino);",
+        )
+        .map_err(|e| idx.err(e))?;
+    idx.conn
+        .execute(
+            "CREATE TEMP TABLE sg AS
+             SELECT size, mode, uid, gid, mt, COUNT(DISTINCT ino) AS inodes,
+                    EXISTS(SELECT 1 FROM objects o
+                           WHERE o.size = c.size AND o.mode = c.mode AND o.uid = c.uid
+                             AND o.gid = c.gid AND o.ign_mtime = :ign
+                             AND (:ign OR o.mtime_ns = c.mt)) AS has_obj
+             FROM cand c GROUP BY size, mode, uid, gid, mt
+             HAVING inodes >= 2 OR has_obj",
+            named_params! {":ign": ign},
+        )
+        .map_err(|e| idx.err(e))?;
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Partial,
+    Full,
+}
+
+/// One inode to read.
+struct Job {
+    ino: i64,
+    guest_id: i64,
+    path: Vec<u8>,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+enum Hashed {
+    Partial(Hash32),
+    Full {
+        chash: Hash32,
+        phash: Option<Hash32>,
+        xhash: Hash32,
+    },
+    Changed,
+}
+
+fn hash_stage(
+    root: &HostRoot,
+    guests: &HashMap<i64, &OpenGuest>,
+    stage: Stage,
+    report: &mut UnifyReport,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let idx = &root.index;
+    let filter = match stage {
+        Stage::Partial => {
+            "sg.size > :pmin AND NOT sg.has_obj AND c.chash IS NULL AND c.phash IS NULL"
+        }
+        Stage::Full => {
+            "c.chash IS NULL AND (sg.size <= :pmin OR sg.has_obj OR EXISTS(
+                SELECT 1 FROM cand d WHERE d.size = c.size AND d.mode = c.mode AND d.uid = c.uid
+                  AND d.gid = c.gid AND d.mt = c.mt AND d.phash = c.phash AND d.ino <> c.ino))"
+        }
+    };
+    idx.conn
+        .execute_batch("DROP TABLE IF EXISTS temp.jobs")
+        .map_err(|e| idx.err(e))?;
+    idx.conn
+        .execute(
+            &format!(
+                "CREATE TEMP TABLE jobs AS
+                 SELECT c.ino, c.guest_id, c.path, c.size, c.mtime_ns, c.ctime_ns
+                 FROM cand c JOIN sg USING (size, mode, uid, gid, mt)
+                 WHERE {filter} GROUP BY c.ino"
+            ),
+            named_params! {":pmin": PARTIAL_MIN_SIZE as i64},
+        )
+        .map_err(|e| idx.err(e))?;
+    let (count, bytes): (i64, i64) = idx
+        .conn
+        .query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM jobs",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(|e| idx.err(e))?;
+    if count == 0 {
+        return Ok(());
+    }
+    let total = match stage {
+        Stage::Partial => count as u64 * 2 * key::PARTIAL_BLOCK,
+        Stage::Full => bytes as u64,
+    };
+    progress.start(Phase::Hash, Some(total));
+    let mut last = 0i64;
+    loop {
+        let jobs = read_jobs(&idx.conn, last).map_err(|e| idx.err(e))?;
+        let Some((rowid, _)) = jobs.last() else { break };
+        last = *rowid;
+        let results: Vec<(&Job, std::result::Result<Hashed, Error>)> = jobs
+            .par_iter()
+            .map(|(_, job)| {
+                let out = hash_job(guests[&job.guest_id], job, stage);
+                progress.advance(match stage {
+                    Stage::Partial => 2 * key::PARTIAL_BLOCK,
+                    Stage::Full => job.size,
+                });
+                (job, out)
+            })
+            .collect();
+        let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
+        for (job, result) in results {
+            match result {
+                Ok(Hashed::Partial(p)) => {
+                    report.partial_hashed_files += 1;
+                    for table in ["files", "cand"] {
+                        idx.exec(
+                            &format!("UPDATE {table} SET phash = ?2 WHERE ino = ?1 AND guest_id IN (SELECT id FROM sel)"),
+                            params![job.ino, &p[..]],
+                        )?;
+                    }
+                }
+                Ok(Hashed::Full {
+                    chash,
+                    phash,
+                    xhash,
+                }) => {
+                    report.hashed_files += 1;
+                    report.hashed_bytes += job.size;
+                    for table in ["files", "cand"] {
+                        idx.exec(
+                            &format!(
+                                "UPDATE {table} SET chash = ?2, phash = ?3, xhash = ?4
+                                 WHERE ino = ?1 AND guest_id IN (SELECT id FROM sel)"
+                            ),
+                            params![
+                                job.ino,
+                                &chash[..],
+                                phash.as_ref().map(|p| &p[..]),
+                                &xhash[..]
+                            ],
+                        )?;
+                    }
+                }
+                Ok(Hashed::Changed) => report.skipped_changed += 1,
+                Err(e) => report.failures.push(Failure::new(
+                    guests[&job.guest_id],
+                    &job.path,
+                    e.to_string(),
+                )),
+            }
+        }
+        tx.commit().map_err(|e| idx.err(e))?;
+    }
+    progress.finish();
+    Ok(())
+}
+
+fn read_jobs(conn: &Connection, after: i64) -> rusqlite::Result<Vec<(i64, Job)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT rowid, ino, guest_id, path, size, mtime_ns, ctime_ns FROM jobs
+         WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+    )?;
+    stmt.query_map(params![after, HASH_BATCH], |r| {
+        Ok((
+            r.get(0)?,
+            Job {
+                ino: r.get(1)?,
+                guest_id: r.get(2)?,
+                path: r.get(3)?,
+                size: r.get::<_, i64>(4)? as u64,
+                mtime_ns: r.get(5)?,
+                ctime_ns: r.get(6)?,
+            },
+        ))
+    })?
+    .collect()
+}
+
+/// Opens a guest file for reading without following symlinks or updating its atime.
+fn open_for_read(guest: &OpenGuest, rel: &[u8]) -> nix::Result<OwnedFd> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK;
+    match fsx::open_beneath(guest.base(), rel, flags | OFlag::O_NOATIME) {
+        Err(Errno::EPERM) => fsx::open_beneath(guest.base(), rel, flags),
+        other => other,
+    }
+}
+
+fn hash_job(guest: &OpenGuest, job: &Job, stage: Stage) -> Result<Hashed> {
+    let shown = guest.host_path(&job.path);
+    let fd = match open_for_read(guest, &job.path) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => return Ok(Hashed::Changed),
+        Err(e) => return Err(e).at(&shown),
+    };
+    let same = |st: &Stat| {
+        st.is_file()
+            && st.ino as i64 == job.ino
+            && st.size == job.size
+            && st.mtime_ns == job.mtime_ns
+            && st.ctime_ns == job.ctime_ns
+    };
+    if !same(&fsx::fstat(&fd).at(&shown)?) {
+        return Ok(Hashed::Changed);
+    }
+    let file = std::fs::File::from(fd);
+    let out = match stage {
+        Stage::Partial => Hashed::Partial(key::partial_hash(&file, job.size).at(&shown)?),
+        Stage::Full => {
+            let (chash, phash) = match key::content_hash(&file, job.size) {
+                Ok(h) => h,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Ok(Hashed::Changed);
+                }
+                Err(e) => return Err(e).at(&shown),
+            };
+            let xattrs = fsx::read_xattrs(&file).at(&shown)?;
+            Hashed::Full {
+                chash,
+                phash,
+                xhash: key::xattr_hash(&xattrs),
+            }
+        }
+    };
+    if !same(&fsx::fstat(&file).at(&shown)?) {
+        return Ok(Hashed::Changed);
+    }
+    Ok(out)
+}
+
+/// A candidate row of one key group.
+struct Member {
+    guest_id: i64,
+    path: Vec<u8>,
+    stat: Stat,
+}
+
+/// Picks or makes the object for every (key, marker) group and writes `temp.plan`.
+/// Returns the blocks of objects made by copying (they cost space).
+fn plan(
+    root: &HostRoot,
+    guests: &HashMap<i64, &OpenGuest>,
+    opts: &UnifyOptions,
+    report: &mut UnifyReport,
+) -> Result<u64> {
+    let idx = &root.index;
+    idx.conn
+        .execute_batch(
+            "CREATE TEMP TABLE plan(
+                id INTEGER PRIMARY KEY, guest_id INTEGER, path BLOB, object_id INTEGER,
+                object_name TEXT, object_ino INTEGER, ino INTEGER, nlink INTEGER, blocks INTEGER,
+                size INTEGER, mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER,
+                ctime_ns INTEGER, done INTEGER NOT NULL DEFAULT 0);",
+        )
+        .map_err(|e| idx.err(e))?;
+    let link_max = opts.max_links.unwrap_or(u64::MAX).min(root.link_max());
+    let mut copied_blocks = 0u64;
+    let mut touched_immutable = BTreeSet::new();
+    let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
+    {
+        let mut stmt = idx
+            .conn
+            .prepare(
+                "SELECT guest_id, path, ino, nlink, size, blocks, mode, uid, gid, mtime_ns, ctime_ns,
+                        marker, chash, xhash
+                 FROM cand WHERE chash IS NOT NULL AND xhash IS NOT NULL
+                 ORDER BY size, mode, uid, gid, mt, chash, xhash, marker, ino",
+            )
+            .map_err(|e| idx.err(e))?;
+        let mut rows = stmt.query([]).map_err(|e| idx.err(e))?;
+        let mut group: Vec<Member> = Vec::new();
+        let mut group_key: Option<(KeyParts, Marker)> = None;
+        loop {
+            let next = rows.next().map_err(|e| idx.err(e))?;
+            let parsed = match next {
+                Some(r) => {
+                    let stat = Stat {
+                        dev: root.dev(),
+                        ino: r.get::<_, i64>(2).map_err(|e| idx.err(e))? as u64,
+                        nlink: r.get::<_, i64>(3).map_err(|e| idx.err(e))? as u64,
+                        size: r.get::<_, i64>(4).map_err(|e| idx.err(e))? as u64,
+                        blocks: r.get::<_, i64>(5).map_err(|e| idx.err(e))? as u64,
+                        mode: r.get(6).map_err(|e| idx.err(e))?,
+                        uid: r.get(7).map_err(|e| idx.err(e))?,
+                        gid: r.get(8).map_err(|e| idx.err(e))?,
+                        mtime_ns: r.get(9).map_err(|e| idx.err(e))?,
+                        ctime_ns: r.get(10).map_err(|e| idx.err(e))?,
+                    };
+                    let marker = Marker::from_code(r.get(11).map_err(|e| idx.err(e))?)
+                        .unwrap_or(Marker::Private);
+                    let chash: Vec<u8> = r.get(12).map_err(|e| idx.err(e))?;
+                    let xhash: Vec<u8> = r.get(13).map_err(|e| idx.err(e))?;
+                    let (Some(chash), Some(xhash)) =
+                        (key::hash_from_blob(&chash), key::hash_from_blob(&xhash))
+                    else {
+                        continue;
+                    };
+                    let parts = KeyParts {
+                        chash,
+                        xhash,
+                        size: stat.size,
+                        mode: stat.mode,
+                        uid: stat.uid,
+                        gid: stat.gid,
+                        mtime_ns: (!opts.ignore_mtime).then_some(stat.mtime_ns),
+                    };
+                    let member = Member {
+                        guest_id: r.get(0).map_err(|e| idx.err(e))?,
+                        path: r.get(1).map_err(|e| idx.err(e))?,
+                        stat,
+                    };
+                    Some((parts, marker, member))
+                }
+                None => None,
+            };
+            let boundary = match (&parsed, &group_key) {
+                (Some((p, m, _)), Some((gp, gm))) => p != gp || m != gm,
+                (None, _) => true,
+                (Some(_), None) => false,
+            };
+            if boundary && let Some((parts, marker)) = group_key.take() {
+                let spec = ObjectSpec {
+                    parts: &parts,
+                    kind: marker,
+                    ign_mtime: opts.ignore_mtime,
+                };
+                match plan_group(root, guests, &spec, &group, link_max, opts.dry_run) {
+                    Ok(Some(planned)) => {
+                        copied_blocks += planned.copied_blocks;
+                        if marker == Marker::Immutable && !opts.dry_run {
+                            touched_immutable.insert(planned.object_name.clone());
+                        }
+                        if planned.created {
+                            report.objects_created += 1;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let m = &group[0];
+                        report.failures.push(Failure::new(
+                            guests[&m.guest_id],
+                            &m.path,
+                            e.to_string(),
+                        ));
+                    }
+                }
+                group.clear();
+            }
+            match parsed {
+                Some((parts, marker, member)) => {
+                    group_key = Some((parts, marker));
+                    group.push(member);
+                }
+                None => break,
+            }
+        }
+    }
+    for name in &touched_immutable {
+        idx.exec(
+            "INSERT INTO journal(op, path) SELECT 'mutable', ?1
+             WHERE NOT EXISTS(SELECT 1 FROM journal WHERE op = 'mutable' AND path = ?1)",
+            [name.as_bytes()],
+        )?;
+    }
+    tx.commit().map_err(|e| idx.err(e))?;
+    for name in &touched_immutable {
+        store::set_object_immutable(root, name, false)?;
+    }
+    Ok(copied_blocks)
+}
+
+struct Planned {
+    object_name: String,
+    created: bool,
+    copied_blocks: u64,
+}
+
+/// Chooses the object of one key group and records the paths to replace.
+fn plan_group(
+    root: &HostRoot,
+    guests: &HashMap<i64, &OpenGuest>,
+    spec: &ObjectSpec<'_>,
+    group: &[Member],
+    link_max: u64,
+    dry_run: bool,
+) -> Result<Option<Planned>> {
+    let mut paths_per_ino: BTreeMap<u64, u64> = BTreeMap::new();
+    for m in group {
+        *paths_per_ino.entry(m.stat.ino).or_default() += 1;
+    }
+    let found = store::find_object(root, spec, group.len() as u64, link_max)?;
+    let (object, created, copied_blocks, name) = match found {
+        Ok(object) => {
+            let name = object.name.clone();
+            (Some(object), false, 0, name)
+        }
+        Err(_) if paths_per_ino.len() < 2 => return Ok(None),
+        Err(seq) => {
+            let name = store::object_name(&spec.parts.key(), spec.kind, seq);
+            // An inode all of whose links are in this group can become the object itself.
+            let adoptable = group
+                .iter()
+                .filter(|m| m.stat.nlink == paths_per_ino[&m.stat.ino])
+                .max_by_key(|m| m.stat.nlink);
+            if dry_run {
+                let copied = if adoptable.is_some() {
+                    0
+                } else {
+                    group[0].stat.blocks
+                };
+                let object_ino = adoptable.map(|m| m.stat.ino);
+                record_plan(root, group, None, &name, object_ino)?;
+                return Ok(Some(Planned {
+                    object_name: name,
+                    created: true,
+                    copied_blocks: copied,
+                }));
+            }
+            let made = match adoptable {
+                Some(m) => adopt_member(root, guests[&m.guest_id], spec, seq, m)?,
+                None => None,
+            };
+            match made {
+                Some(object) => (Some(object), true, 0, name),
+                None => {
+                    let m = &group[0];
+                    let object = copy_member(root, guests[&m.guest_id], spec, seq, m)?;
+                    let blocks = object.blocks;
+                    (Some(object), true, blocks, name)
+                }
+            }
+        }
+    };
+    let object = object.expect("an object was found or made");
+    record_plan(root, group, Some(&object), &name, Some(object.ino))?;
+    Ok(Some(Planned {
+        object_name: name,
+        created,
+        copied_blocks,
+    }))
+}
+
+fn record_plan(
+    root: &HostRoot,
+    group: &[Member],
+    object: Option<&Object>,
+    name: &str,
+    object_ino: Option<u64>,
+) -> Result<()> {
+    let idx = &root.index;
+    let mut insert = idx
+        .conn
+        .prepare_cached(
+            "INSERT INTO plan(guest_id, path, object_id, object_name, object_ino, ino, nlink, blocks,
+                              size, mode, uid, gid, mtime_ns, ctime_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        )
+        .map_err(|e| idx.err(e))?;
+    for m in group {
+        if Some(m.stat.ino) == object_ino {
+            if let Some(object) = object {
+                idx.exec(
+                    "UPDATE files SET object_id = ?3 WHERE guest_id = ?1 AND path = ?2",
+                    params![m.guest_id, m.path, object.id],
+                )?;
+            }
+            continue;
+        }
+        let s = &m.stat;
+        insert
+            .execute(params![
+                m.guest_id,
+                m.path,
+                object.map(|o| o.id),
+                name,
+                object_ino.map(|i| i as i64),
+                s.ino as i64,
+                s.nlink as i64,
+                s.blocks as i64,
+                s.size as i64,
+                s.mode,
+                s.uid,
+                s.gid,
+                s.mtime_ns,
+                s.ctime_ns
+            ])
+            .map_err(|e| idx.err(e))?;
+    }
+    Ok(())
+}
+
+/// Opens the parent directory of a guest path.
+fn open_parent(guest: &OpenGuest, rel: &[u8]) -> Result<OwnedFd> {
+    let (parent, _) = fsx::split_parent(rel);
+    fsx::open_dir_beneath(guest.base(), &guest.base_path, parent)
+}
+
+fn adopt_member(
+    root: &HostRoot,
+    guest: &OpenGuest,
+    spec: &ObjectSpec<'_>,
+    seq: u32,
+    m: &Member,
+) -> Result<Option<Object>> {
+    let dir = open_parent(guest, &m.path)?;
+    let (_, name) = fsx::split_parent(&m.path);
+    let now = fsx::lstat_at(dir.as_fd(), name).at(guest.host_path(&m.path))?;
+    if !now.unchanged_since(&m.stat) || now.nlink != m.stat.nlink {
+        return Ok(None);
+    }
+    store::adopt_inode(root, spec, seq, dir.as_fd(), name).map(Some)
+}
+
+fn copy_member(
+    root: &HostRoot,
+    guest: &OpenGuest,
+    spec: &ObjectSpec<'_>,
+    seq: u32,
+    m: &Member,
+) -> Result<Object> {
+    let shown = guest.host_path(&m.path);
+    let fd = open_for_read(guest, &m.path).at(&shown)?;
+    if !fsx::fstat(&fd).at(&shown)?.unchanged_since(&m.stat) {
+        return Err(Error::Io {
+            path: shown,
+            source: std::io::Error::other("changed since it was hashed; not copied"),
+        });
+    }
+    let file = std::fs::File::from(fd);
+    let xattrs = fsx::read_xattrs(&file).at(&shown)?;
+    store::copy_in(root, spec, seq, &file, &xattrs, m.stat.mtime_ns)
+}
+
+/// One row of the plan, read back for replacement.
+struct Step {
+    id: i64,
+    guest_id: i64,
+    path: Vec<u8>,
+    object_id: i64,
+    object_name: String,
+    object_ino: u64,
+    then: Stat,
+}
+
+fn read_steps(conn: &Connection, after: i64, dev: u64) -> rusqlite::Result<Vec<Step>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, guest_id, path, object_id, object_name, object_ino, ino, nlink, blocks, size,
+                mode, uid, gid, mtime_ns, ctime_ns
+         FROM plan WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    stmt.query_map(params![after, CHUNK], |r| {
+        Ok(Step {
+            id: r.get(0)?,
+            guest_id: r.get(1)?,
+            path: r.get(2)?,
+            object_id: r.get(3)?,
+            object_name: r.get(4)?,
+            object_ino: r.get::<_, i64>(5)? as u64,
+            then: Stat {
+                dev,
+                ino: r.get::<_, i64>(6)? as u64,
+                nlink: r.get::<_, i64>(7)? as u64,
+                blocks: r.get::<_, i64>(8)? as u64,
+                size: r.get::<_, i64>(9)? as u64,
+                mode: r.get(10)?,
+                uid: r.get(11)?,
+                gid: r.get(12)?,
+                mtime_ns: r.get(13)?,
+                ctime_ns: r.get(14)?,
+            },
+        })
+    })?
+    .collect()
+}
+
+/// Replaces every planned path by a link to its object, a directory batch at a time.
+fn replace_all(
+    root: &HostRoot,
+    guests: &HashMap<i64, &OpenGuest>,
+    opts: &UnifyOptions,
+    report: &mut UnifyReport,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let idx = &root.index;
+    // Sort the plan by directory so each directory is opened and journalled once per batch.
+    idx.conn
+        .execute_batch(
+            "CREATE TEMP TABLE plan_sorted AS SELECT * FROM plan ORDER BY guest_id, path;
+             DELETE FROM plan; INSERT INTO plan SELECT NULL, guest_id, path, object_id, object_name,
+               object_ino, ino, nlink, blocks, size, mode, uid, gid, mtime_ns, ctime_ns, done
+             FROM plan_sorted ORDER BY guest_id, path; DROP TABLE plan_sorted;",
+        )
+        .map_err(|e| idx.err(e))?;
+    let total: i64 = idx
+        .conn
+        .query_row("SELECT COUNT(*) FROM plan", [], |r| r.get(0))
+        .map_err(|e| idx.err(e))?;
+    if total == 0 {
+        return Ok(());
+    }
+    progress.start(Phase::Link, Some(total as u64));
+    let mut ctimes: HashMap<u64, i64> = HashMap::new();
+    let mut counter = 0u64;
+    let mut last = 0i64;
+    loop {
+        let steps = read_steps(&idx.conn, last, root.dev()).map_err(|e| idx.err(e))?;
+        let Some(step) = steps.last() else { break };
+        last = step.id;
+
+        // Open and journal every directory of the batch before touching any.
+        let mut dirs: BTreeMap<(i64, Vec<u8>), std::result::Result<(OwnedFd, i64), String>> =
+            BTreeMap::new();
+        for s in &steps {
+            let parent = fsx::split_parent(&s.path).0.to_vec();
+            dirs.entry((s.guest_id, parent)).or_insert_with(|| {
+                let guest = guests[&s.guest_id];
+                open_parent(guest, &s.path)
+                    .and_then(|fd| {
+                        let mtime = fsx::fstat(&fd).at(guest.host_path(&s.path))?.mtime_ns;
+                        Ok((fd, mtime))
+                    })
+                    .map_err(|e| e.to_string())
+            });
+        }
+        let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
+        for ((guest_id, dir), entry) in &dirs {
+            if let Ok((_, mtime)) = entry {
+                idx.exec(
+                    "INSERT INTO journal(op, guest_id, path, value) VALUES ('dir', ?1, ?2, ?3)",
+                    params![guest_id, dir, mtime],
+                )?;
+            }
+        }
+        tx.commit().map_err(|e| idx.err(e))?;
+
+        let mut done = Vec::new();
+        for s in &steps {
+            let guest = guests[&s.guest_id];
+            let (parent, name) = fsx::split_parent(&s.path);
+            let dir = match &dirs[&(s.guest_id, parent.to_vec())] {
+                Ok((fd, _)) => fd.as_fd(),
+                Err(e) => {
+                    report
+                        .failures
+                        .push(Failure::new(guest, &s.path, e.clone()));
+                    continue;
+                }
+            };
+            counter += 1;
+            match replace_one(root, guest, dir, name, s, counter, &mut ctimes) {
+                Ok(Outcome::Linked) => {
+                    report.linked_files += 1;
+                    if opts.list_paths {
+                        report.linked.push(LinkedPath::new(
+                            guest,
+                            &s.path,
+                            &s.object_name,
+                            s.then.size,
+                        ));
+                    }
+                    done.push(s);
+                }
+                Ok(Outcome::Changed) => report.skipped_changed += 1,
+                Err(e) => report
+                    .failures
+                    .push(Failure::new(guest, &s.path, e.to_string())),
+            }
+        }
+        for ((guest_id, dir), entry) in &dirs {
+            if let Ok((fd, mtime)) = entry
+                && let Err(e) = fsx::set_mtime(fd, *mtime)
+            {
+                let guest = guests[guest_id];
+                report
+                    .failures
+                    .push(Failure::new(guest, dir, format!("restoring mtime: {e}")));
+            }
+        }
+        let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
+        idx.exec("DELETE FROM journal WHERE op = 'dir'", [])?;
+        for s in done {
+            idx.exec(
+                "UPDATE files SET object_id = ?3, ino = ?4 WHERE guest_id = ?1 AND path = ?2",
+                params![s.guest_id, s.path, s.object_id, s.object_ino as i64],
+            )?;
+            idx.exec("UPDATE plan SET done = 1 WHERE id = ?1", [s.id])?;
+        }
+        tx.commit().map_err(|e| idx.err(e))?;
+        progress.advance(steps.len() as u64);
+    }
+    progress.finish();
+    Ok(())
+}
+
+enum Outcome {
+    Linked,
+    Changed,
+}
+
+/// Replaces `dir`/`name` by a link to the step's object: link to a temporary name, re-check,
+/// rename over. The name never disappears.
+fn replace_one(
+    root: &HostRoot,
+    guest: &OpenGuest,
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    s: &Step,
+    counter: u64,
+    ctimes: &mut HashMap<u64, i64>,
+) -> Result<Outcome> {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let shown = || guest.host_path(&s.path);
+    let expected_ctime = ctimes.get(&s.then.ino).copied().unwrap_or(s.then.ctime_ns);
+    let check = |st: &Stat| st.same_content_identity(&s.then) && st.ctime_ns == expected_ctime;
+    let now = match fsx::lstat_at(dir, name) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) => return Ok(Outcome::Changed),
+        Err(e) => return Err(e).at(shown()),
+    };
+    if now.ino == s.object_ino {
+        return Ok(Outcome::Linked);
+    }
+    if !check(&now) {
+        return Ok(Outcome::Changed);
+    }
+    let tmp = store::temp_name(&s.object_name, counter);
+    let object_rel = store::object_rel(&s.object_name);
+    nix::unistd::linkat(
+        root.objects_fd(),
+        object_rel.as_str(),
+        dir,
+        OsStr::from_bytes(&tmp),
+        nix::fcntl::AtFlags::empty(),
+    )
+    .at(root.objects_dir().join(&object_rel))?;
+    let unlink_tmp = || {
+        let _ = nix::unistd::unlinkat(
+            dir,
+            OsStr::from_bytes(&tmp),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+    };
+    // Re-check right before the rename: nothing may have changed since hashing.
+    let keep = if now.nlink > 1 {
+        fsx::open_beneath(dir, name, OFlag::O_PATH).ok()
+    } else {
+        None
+    };
+    match fsx::lstat_at(dir, name) {
+        Ok(st) if check(&st) => {}
+        Ok(_) | Err(Errno::ENOENT) => {
+            unlink_tmp();
+            return Ok(Outcome::Changed);
+        }
+        Err(e) => {
+            unlink_tmp();
+            return Err(e).at(shown());
+        }
+    }
+    if let Err(e) = nix::fcntl::renameat(dir, OsStr::from_bytes(&tmp), dir, OsStr::from_bytes(name))
+    {
+        unlink_tmp();
+        return Err(e).at(shown());
+    }
+    if let Some(fd) = keep
+        && let Ok(st) = fsx::fstat(&fd)
+    {
+        ctimes.insert(s.then.ino, st.ctime_ns);
+    }
+    Ok(Outcome::Linked)
+}
+
+/// Bytes freed: inodes all of whose links were (or, in a dry run, would be) replaced.
+fn saved_bytes(conn: &Connection, dry_run: bool) -> rusqlite::Result<u64> {
+    let sql = if dry_run {
+        "SELECT COALESCE(SUM(blocks), 0) * 512 FROM
+           (SELECT ino, MAX(blocks) AS blocks, MAX(nlink) AS nlink, COUNT(*) AS n
+            FROM plan GROUP BY ino) WHERE n >= nlink"
+    } else {
+        "SELECT COALESCE(SUM(blocks), 0) * 512 FROM
+           (SELECT ino, MAX(blocks) AS blocks, MAX(nlink) AS nlink, SUM(done) AS n
+            FROM plan GROUP BY ino) WHERE n >= nlink"
+    };
+    conn.query_row(sql, [], |r| r.get::<_, i64>(0))
+        .map(|v| v as u64)
+}
+
+/// Fills `report.linked` from the plan of a dry run.
+fn list_planned(
+    root: &HostRoot,
+    guests: &HashMap<i64, &OpenGuest>,
+    report: &mut UnifyReport,
+) -> Result<()> {
+    let idx = &root.index;
+    let mut stmt = idx
+        .conn
+        .prepare("SELECT guest_id, path, object_name, size FROM plan ORDER BY guest_id, path")
+        .map_err(|e| idx.err(e))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .map_err(|e| idx.err(e))?;
+    for row in rows {
+        let (gid, path, object, size) = row.map_err(|e| idx.err(e))?;
+        report
+            .linked
+            .push(LinkedPath::new(guests[&gid], &path, &object, size as u64));
+    }
+    Ok(())
+}
