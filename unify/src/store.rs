@@ -1,6 +1,7 @@
 //! The content-addressed store: object names, lookup, creation (by adopting a guest's inode or by
 //! copying), and the immutable flag.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -91,13 +92,14 @@ impl ObjectSpec<'_> {
 /// # Algorithm
 /// Tries `<key>.c0`, `.c1`, … in turn: first the index, then the store itself (an object
 /// created by a run killed before its index commit is found by name and recorded). The first
-/// one whose current link count leaves room for `needed` links (plus one for the temporary
-/// name) is taken.
+/// one whose current link count, plus the links `planned` for it earlier in this run, leaves
+/// room for `needed` links (plus one for the temporary name) is taken.
 pub(crate) fn find_object(
     root: &HostRoot,
     spec: &ObjectSpec<'_>,
     needed: u64,
     link_max: u64,
+    planned: &HashMap<String, u64>,
 ) -> Result<std::result::Result<Object, u32>> {
     for seq in 0.. {
         let name = spec.name(seq);
@@ -105,6 +107,11 @@ pub(crate) fn find_object(
         let st = match fsx::lstat_at(root.objects_fd(), rel.as_bytes()) {
             Ok(st) => st,
             Err(Errno::ENOENT) => {
+                // In a dry run, an object planned but not made still fills up.
+                let pending = planned.get(&name).copied().unwrap_or(0);
+                if pending > 0 && 1 + pending + needed >= link_max {
+                    continue;
+                }
                 root.index
                     .exec("DELETE FROM objects WHERE name = ?1", [&name])?;
                 return Ok(Err(seq));
@@ -112,7 +119,8 @@ pub(crate) fn find_object(
             Err(e) => return Err(e).at(root.objects_dir().join(&rel)),
         };
         let object = record_object(root, spec, &name, seq, &st)?;
-        if st.nlink + needed < link_max {
+        let pending = planned.get(&name).copied().unwrap_or(0);
+        if st.nlink + pending + needed < link_max {
             return Ok(Ok(object));
         }
     }

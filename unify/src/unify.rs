@@ -433,6 +433,7 @@ fn plan(
     let link_max = opts.max_links.unwrap_or(u64::MAX).min(root.link_max());
     let mut copied_blocks = 0u64;
     let mut touched_immutable = BTreeSet::new();
+    let mut planned_links: HashMap<String, u64> = HashMap::new();
     let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
     {
         let mut stmt = idx
@@ -501,24 +502,36 @@ fn plan(
                     kind: marker,
                     ign_mtime: opts.ignore_mtime,
                 };
-                match plan_group(root, guests, &spec, &group, link_max, opts.dry_run) {
-                    Ok(Some(planned)) => {
-                        copied_blocks += planned.copied_blocks;
-                        if marker == Marker::Immutable && !opts.dry_run {
-                            touched_immutable.insert(planned.object_name.clone());
+                // Members are sorted by inode; cut the group at inode boundaries so that no
+                // object needs more links than the filesystem allows.
+                for chunk in link_chunks(&group, link_max.saturating_sub(2).max(1)) {
+                    match plan_group(
+                        root,
+                        guests,
+                        &spec,
+                        chunk,
+                        link_max,
+                        opts.dry_run,
+                        &mut planned_links,
+                    ) {
+                        Ok(Some(planned)) => {
+                            copied_blocks += planned.copied_blocks;
+                            if marker == Marker::Immutable && !opts.dry_run {
+                                touched_immutable.insert(planned.object_name.clone());
+                            }
+                            if planned.created {
+                                report.objects_created += 1;
+                            }
                         }
-                        if planned.created {
-                            report.objects_created += 1;
+                        Ok(None) => {}
+                        Err(e) => {
+                            let m = &chunk[0];
+                            report.failures.push(Failure::new(
+                                guests[&m.guest_id],
+                                &m.path,
+                                e.to_string(),
+                            ));
                         }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        let m = &group[0];
-                        report.failures.push(Failure::new(
-                            guests[&m.guest_id],
-                            &m.path,
-                            e.to_string(),
-                        ));
                     }
                 }
                 group.clear();
@@ -546,6 +559,28 @@ fn plan(
     Ok(copied_blocks)
 }
 
+/// Splits a group (sorted by inode) into runs of at most `cap` paths, never splitting an inode.
+fn link_chunks(group: &[Member], cap: u64) -> Vec<&[Member]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < group.len() {
+        let mut j = i;
+        while j < group.len() && group[j].stat.ino == group[i].stat.ino {
+            j += 1;
+        }
+        if (j - start) as u64 > cap && i > start {
+            chunks.push(&group[start..i]);
+            start = i;
+        }
+        i = j;
+    }
+    if start < group.len() {
+        chunks.push(&group[start..]);
+    }
+    chunks
+}
+
 struct Planned {
     object_name: String,
     created: bool,
@@ -560,12 +595,13 @@ fn plan_group(
     group: &[Member],
     link_max: u64,
     dry_run: bool,
+    planned_links: &mut HashMap<String, u64>,
 ) -> Result<Option<Planned>> {
     let mut paths_per_ino: BTreeMap<u64, u64> = BTreeMap::new();
     for m in group {
         *paths_per_ino.entry(m.stat.ino).or_default() += 1;
     }
-    let found = store::find_object(root, spec, group.len() as u64, link_max)?;
+    let found = store::find_object(root, spec, group.len() as u64, link_max, planned_links)?;
     let (object, created, copied_blocks, name) = match found {
         Ok(object) => {
             let name = object.name.clone();
@@ -587,6 +623,7 @@ fn plan_group(
                 };
                 let object_ino = adoptable.map(|m| m.stat.ino);
                 record_plan(root, group, None, &name, object_ino)?;
+                *planned_links.entry(name.clone()).or_default() += group.len() as u64;
                 return Ok(Some(Planned {
                     object_name: name,
                     created: true,
@@ -610,6 +647,7 @@ fn plan_group(
     };
     let object = object.expect("an object was found or made");
     record_plan(root, group, Some(&object), &name, Some(object.ino))?;
+    *planned_links.entry(name.clone()).or_default() += group.len() as u64;
     Ok(Some(Planned {
         object_name: name,
         created,
@@ -991,4 +1029,42 @@ fn list_planned(
             .push(LinkedPath::new(guests[&gid], &path, &object, size as u64));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(ino: u64) -> Member {
+        Member {
+            guest_id: 1,
+            path: Vec::new(),
+            stat: Stat {
+                dev: 1,
+                ino,
+                mode: 0,
+                nlink: 1,
+                uid: 0,
+                gid: 0,
+                size: 1,
+                blocks: 8,
+                mtime_ns: 0,
+                ctime_ns: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn link_chunks_cut_at_inode_boundaries_within_the_cap() {
+        let group: Vec<Member> = [1, 1, 2, 3, 3, 3, 4].into_iter().map(member).collect();
+        let sizes: Vec<Vec<u64>> = link_chunks(&group, 3)
+            .iter()
+            .map(|c| c.iter().map(|m| m.stat.ino).collect())
+            .collect();
+        assert_eq!(sizes, vec![vec![1, 1, 2], vec![3, 3, 3], vec![4]]);
+        assert_eq!(link_chunks(&group, 100).len(), 1);
+        // An inode with more paths than the cap stays whole.
+        let big: Vec<Member> = [5, 5, 5, 5].into_iter().map(member).collect();
+        assert_eq!(link_chunks(&big, 2).len(), 1);
+    }
 }
