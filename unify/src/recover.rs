@@ -50,7 +50,7 @@ pub(crate) fn recover(root: &HostRoot) -> Result<()> {
         }
         idx.exec("DELETE FROM journal WHERE id = ?1", [id])?;
     }
-    for e in store::restore_immutable(root)? {
+    if let Some(e) = store::restore_immutable(root)?.into_iter().next() {
         return Err(e);
     }
     let tmp = root.tmp_dir();

@@ -788,6 +788,10 @@ fn read_steps(conn: &Connection, after: i64, dev: u64) -> rusqlite::Result<Vec<S
     .collect()
 }
 
+/// A directory of a replacement batch: its fd and mtime before the batch, or why it could not
+/// be opened.
+type OpenedDir = std::result::Result<(OwnedFd, i64), String>;
+
 /// Replaces every planned path by a link to its object, a directory batch at a time.
 fn replace_all(
     root: &HostRoot,
@@ -823,8 +827,7 @@ fn replace_all(
         last = step.id;
 
         // Open and journal every directory of the batch before touching any.
-        let mut dirs: BTreeMap<(i64, Vec<u8>), std::result::Result<(OwnedFd, i64), String>> =
-            BTreeMap::new();
+        let mut dirs: BTreeMap<(i64, Vec<u8>), OpenedDir> = BTreeMap::new();
         for s in &steps {
             let parent = fsx::split_parent(&s.path).0.to_vec();
             dirs.entry((s.guest_id, parent)).or_insert_with(|| {
