@@ -123,8 +123,8 @@ struct UnifyArgs {
     /// Smallest file to link, in bytes (empty files are never linked).
     #[arg(long, default_value_t = 1, value_name = "BYTES")]
     min_size: u64,
-    /// Most links per store object (the filesystem's limit applies too); past it a second
-    /// object with the same key is started.
+    /// Most links a store object may have (its st_nlink, counting the store's own name; the
+    /// filesystem's limit applies too); past it a second object with the same key is started.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
     max_links: Option<u64>,
     /// Print the summary as JSON.

@@ -30,6 +30,11 @@ pub struct GuestStats {
     pub private_bytes: u64,
     /// Allocated bytes of the store objects it links to.
     pub shared_bytes: u64,
+    /// Its private bytes plus its share of each object it links to (the object's bytes divided
+    /// by the number of guests linking it).
+    pub physical_bytes: u64,
+    /// `logical_bytes - physical_bytes`.
+    pub saved_bytes: u64,
     /// When it was last unified (seconds since the epoch).
     pub last_unify: Option<i64>,
 }
@@ -108,10 +113,34 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
                 logical_bytes: 0,
                 private_bytes: 0,
                 shared_bytes: 0,
+                physical_bytes: 0,
+                saved_bytes: 0,
                 last_unify: None,
             });
             continue;
         };
+        let logical_bytes = 512
+            * q(
+                "SELECT SUM(b) FROM (SELECT MAX(orig_blocks) AS b FROM files
+                 WHERE guest_id = ?1 GROUP BY orig_ino)",
+                &[&id],
+            )? as u64;
+        let private_bytes = 512
+            * q(
+                "SELECT SUM(b) FROM (SELECT MAX(blocks) AS b FROM files
+                 WHERE guest_id = ?1 AND object_id IS NULL GROUP BY ino)",
+                &[&id],
+            )? as u64;
+        let share: f64 = c
+            .query_row(
+                "SELECT COALESCE(SUM(o.blocks * 512.0 /
+                    (SELECT COUNT(DISTINCT f2.guest_id) FROM files f2 WHERE f2.object_id = o.id)), 0)
+                 FROM objects o WHERE o.id IN (SELECT object_id FROM files WHERE guest_id = ?1)",
+                [id],
+                |r| r.get(0),
+            )
+            .map_err(|e| idx.err(e))?;
+        let physical_bytes = private_bytes + share.round() as u64;
         guests.push(GuestStats {
             name,
             files: q("SELECT COUNT(*) FROM files WHERE guest_id = ?1", &[&id])? as u64,
@@ -119,24 +148,16 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
                 "SELECT COUNT(object_id) FROM files WHERE guest_id = ?1",
                 &[&id],
             )? as u64,
-            logical_bytes: 512
-                * q(
-                    "SELECT SUM(b) FROM (SELECT MAX(orig_blocks) AS b FROM files
-                     WHERE guest_id = ?1 GROUP BY orig_ino)",
-                    &[&id],
-                )? as u64,
-            private_bytes: 512
-                * q(
-                    "SELECT SUM(b) FROM (SELECT MAX(blocks) AS b FROM files
-                     WHERE guest_id = ?1 AND object_id IS NULL GROUP BY ino)",
-                    &[&id],
-                )? as u64,
+            logical_bytes,
+            private_bytes,
             shared_bytes: 512
                 * q(
                     "SELECT SUM(blocks) FROM objects WHERE id IN
                      (SELECT object_id FROM files WHERE guest_id = ?1)",
                     &[&id],
                 )? as u64,
+            physical_bytes,
+            saved_bytes: logical_bytes.saturating_sub(physical_bytes),
             last_unify,
         });
     }

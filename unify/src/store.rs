@@ -85,7 +85,8 @@ impl ObjectSpec<'_> {
     }
 }
 
-/// Finds an object for `spec` that can take `needed` more links.
+/// Finds an object for `spec` that can take `needed` more links without its link count
+/// passing `max_nlink`.
 ///
 /// Returns the object, or the sequence number a new object must get.
 ///
@@ -93,12 +94,12 @@ impl ObjectSpec<'_> {
 /// Tries `<key>.c0`, `.c1`, … in turn: first the index, then the store itself (an object
 /// created by a run killed before its index commit is found by name and recorded). The first
 /// one whose current link count, plus the links `planned` for it earlier in this run, leaves
-/// room for `needed` links (plus one for the temporary name) is taken.
+/// room for `needed` links is taken.
 pub(crate) fn find_object(
     root: &HostRoot,
     spec: &ObjectSpec<'_>,
     needed: u64,
-    link_max: u64,
+    max_nlink: u64,
     planned: &HashMap<String, u64>,
 ) -> Result<std::result::Result<Object, u32>> {
     for seq in 0.. {
@@ -109,7 +110,7 @@ pub(crate) fn find_object(
             Err(Errno::ENOENT) => {
                 // In a dry run, an object planned but not made still fills up.
                 let pending = planned.get(&name).copied().unwrap_or(0);
-                if pending > 0 && 1 + pending + needed >= link_max {
+                if pending > 0 && 1 + pending + needed > max_nlink {
                     continue;
                 }
                 root.index
@@ -120,7 +121,7 @@ pub(crate) fn find_object(
         };
         let object = record_object(root, spec, &name, seq, &st)?;
         let pending = planned.get(&name).copied().unwrap_or(0);
-        if st.nlink + pending + needed < link_max {
+        if st.nlink + pending + needed <= max_nlink {
             return Ok(Ok(object));
         }
     }

@@ -28,7 +28,8 @@ pub struct UnifyOptions {
     pub ignore_mtime: bool,
     /// Smallest file size to link; never below 1 (empty files are never shared).
     pub min_size: u64,
-    /// Most links per store object; the filesystem's own limit applies too.
+    /// Most links a store object may have (its `st_nlink`, counting the store's own name);
+    /// the filesystem's limit applies too.
     pub max_links: Option<u64>,
     /// Record every linked path in the report.
     pub list_paths: bool,
@@ -430,7 +431,13 @@ fn plan(
                 ctime_ns INTEGER, done INTEGER NOT NULL DEFAULT 0);",
         )
         .map_err(|e| idx.err(e))?;
-    let link_max = opts.max_links.unwrap_or(u64::MAX).min(root.link_max());
+    // The most links an object may have between runs: the user's cap, and one below the
+    // filesystem's limit so the temporary name always fits.
+    let max_nlink = opts
+        .max_links
+        .unwrap_or(u64::MAX)
+        .min(root.link_max() - 1)
+        .max(2);
     let mut copied_blocks = 0u64;
     let mut touched_immutable = BTreeSet::new();
     let mut planned_links: HashMap<String, u64> = HashMap::new();
@@ -504,13 +511,13 @@ fn plan(
                 };
                 // Members are sorted by inode; cut the group at inode boundaries so that no
                 // object needs more links than the filesystem allows.
-                for chunk in link_chunks(&group, link_max.saturating_sub(2).max(1)) {
+                for chunk in link_chunks(&group, max_nlink - 1) {
                     match plan_group(
                         root,
                         guests,
                         &spec,
                         chunk,
-                        link_max,
+                        max_nlink,
                         opts.dry_run,
                         &mut planned_links,
                     ) {
@@ -593,7 +600,7 @@ fn plan_group(
     guests: &HashMap<i64, &OpenGuest>,
     spec: &ObjectSpec<'_>,
     group: &[Member],
-    link_max: u64,
+    max_nlink: u64,
     dry_run: bool,
     planned_links: &mut HashMap<String, u64>,
 ) -> Result<Option<Planned>> {
@@ -601,7 +608,7 @@ fn plan_group(
     for m in group {
         *paths_per_ino.entry(m.stat.ino).or_default() += 1;
     }
-    let found = store::find_object(root, spec, group.len() as u64, link_max, planned_links)?;
+    let found = store::find_object(root, spec, group.len() as u64, max_nlink, planned_links)?;
     let (object, created, copied_blocks, name) = match found {
         Ok(object) => {
             let name = object.name.clone();
