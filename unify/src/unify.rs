@@ -431,16 +431,21 @@ fn plan(
                 ctime_ns INTEGER, done INTEGER NOT NULL DEFAULT 0);",
         )
         .map_err(|e| idx.err(e))?;
-    // The most links an object may have between runs: the user's cap, and one below the
-    // filesystem's limit so the temporary name always fits.
-    let max_nlink = opts
-        .max_links
-        .unwrap_or(u64::MAX)
-        .min(root.link_max() - 1)
-        .max(2);
-    let mut copied_blocks = 0u64;
-    let mut touched_immutable = BTreeSet::new();
-    let mut planned_links: HashMap<String, u64> = HashMap::new();
+    let mut planner = Planner {
+        root,
+        guests,
+        opts,
+        // The most links an object may have between runs: the user's cap, and one below the
+        // filesystem's limit so the temporary name always fits.
+        max_nlink: opts
+            .max_links
+            .unwrap_or(u64::MAX)
+            .min(root.link_max() - 1)
+            .max(2),
+        planned_links: HashMap::new(),
+        touched_immutable: BTreeSet::new(),
+        copied_blocks: 0,
+    };
     let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
     {
         let mut stmt = idx
@@ -456,45 +461,12 @@ fn plan(
         let mut group: Vec<Member> = Vec::new();
         let mut group_key: Option<(KeyParts, Marker)> = None;
         loop {
-            let next = rows.next().map_err(|e| idx.err(e))?;
-            let parsed = match next {
-                Some(r) => {
-                    let stat = Stat {
-                        dev: root.dev(),
-                        ino: r.get::<_, i64>(2).map_err(|e| idx.err(e))? as u64,
-                        nlink: r.get::<_, i64>(3).map_err(|e| idx.err(e))? as u64,
-                        size: r.get::<_, i64>(4).map_err(|e| idx.err(e))? as u64,
-                        blocks: r.get::<_, i64>(5).map_err(|e| idx.err(e))? as u64,
-                        mode: r.get(6).map_err(|e| idx.err(e))?,
-                        uid: r.get(7).map_err(|e| idx.err(e))?,
-                        gid: r.get(8).map_err(|e| idx.err(e))?,
-                        mtime_ns: r.get(9).map_err(|e| idx.err(e))?,
-                        ctime_ns: r.get(10).map_err(|e| idx.err(e))?,
-                    };
-                    let marker = Marker::from_code(r.get(11).map_err(|e| idx.err(e))?)
-                        .unwrap_or(Marker::Private);
-                    let chash: Vec<u8> = r.get(12).map_err(|e| idx.err(e))?;
-                    let xhash: Vec<u8> = r.get(13).map_err(|e| idx.err(e))?;
-                    let (Some(chash), Some(xhash)) =
-                        (key::hash_from_blob(&chash), key::hash_from_blob(&xhash))
-                    else {
-                        continue;
-                    };
-                    let parts = KeyParts {
-                        chash,
-                        xhash,
-                        size: stat.size,
-                        mode: stat.mode,
-                        uid: stat.uid,
-                        gid: stat.gid,
-                        mtime_ns: (!opts.ignore_mtime).then_some(stat.mtime_ns),
-                    };
-                    let member = Member {
-                        guest_id: r.get(0).map_err(|e| idx.err(e))?,
-                        path: r.get(1).map_err(|e| idx.err(e))?,
-                        stat,
-                    };
-                    Some((parts, marker, member))
+            let parsed = match rows.next().map_err(|e| idx.err(e))? {
+                Some(row) => {
+                    match read_member(row, root.dev(), opts.ignore_mtime).map_err(|e| idx.err(e))? {
+                        Some(parsed) => Some(parsed),
+                        None => continue,
+                    }
                 }
                 None => None,
             };
@@ -504,43 +476,7 @@ fn plan(
                 (Some(_), None) => false,
             };
             if boundary && let Some((parts, marker)) = group_key.take() {
-                let spec = ObjectSpec {
-                    parts: &parts,
-                    kind: marker,
-                    ign_mtime: opts.ignore_mtime,
-                };
-                // Members are sorted by inode; cut the group at inode boundaries so that no
-                // object needs more links than the filesystem allows.
-                for chunk in link_chunks(&group, max_nlink - 1) {
-                    match plan_group(
-                        root,
-                        guests,
-                        &spec,
-                        chunk,
-                        max_nlink,
-                        opts.dry_run,
-                        &mut planned_links,
-                    ) {
-                        Ok(Some(planned)) => {
-                            copied_blocks += planned.copied_blocks;
-                            if marker == Marker::Immutable && !opts.dry_run {
-                                touched_immutable.insert(planned.object_name.clone());
-                            }
-                            if planned.created {
-                                report.objects_created += 1;
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            let m = &chunk[0];
-                            report.failures.push(Failure::new(
-                                guests[&m.guest_id],
-                                &m.path,
-                                e.to_string(),
-                            ));
-                        }
-                    }
-                }
+                planner.group(&parts, marker, &group, report);
                 group.clear();
             }
             match parsed {
@@ -552,7 +488,7 @@ fn plan(
             }
         }
     }
-    for name in &touched_immutable {
+    for name in &planner.touched_immutable {
         idx.exec(
             "INSERT INTO journal(op, path) SELECT 'mutable', ?1
              WHERE NOT EXISTS(SELECT 1 FROM journal WHERE op = 'mutable' AND path = ?1)",
@@ -560,10 +496,168 @@ fn plan(
         )?;
     }
     tx.commit().map_err(|e| idx.err(e))?;
-    for name in &touched_immutable {
+    // Journalled and committed: now the flags may come off for linking.
+    for name in &planner.touched_immutable {
         store::set_object_immutable(root, name, false)?;
     }
-    Ok(copied_blocks)
+    Ok(planner.copied_blocks)
+}
+
+/// One `cand` row as a group member with its key parts, or `None` if its hashes are malformed.
+fn read_member(
+    r: &rusqlite::Row<'_>,
+    dev: u64,
+    ignore_mtime: bool,
+) -> rusqlite::Result<Option<(KeyParts, Marker, Member)>> {
+    let stat = Stat {
+        dev,
+        ino: r.get::<_, i64>(2)? as u64,
+        nlink: r.get::<_, i64>(3)? as u64,
+        size: r.get::<_, i64>(4)? as u64,
+        blocks: r.get::<_, i64>(5)? as u64,
+        mode: r.get(6)?,
+        uid: r.get(7)?,
+        gid: r.get(8)?,
+        mtime_ns: r.get(9)?,
+        ctime_ns: r.get(10)?,
+    };
+    let marker = Marker::from_code(r.get(11)?).unwrap_or(Marker::Private);
+    let chash: Vec<u8> = r.get(12)?;
+    let xhash: Vec<u8> = r.get(13)?;
+    let (Some(chash), Some(xhash)) = (key::hash_from_blob(&chash), key::hash_from_blob(&xhash))
+    else {
+        return Ok(None);
+    };
+    let parts = KeyParts {
+        chash,
+        xhash,
+        size: stat.size,
+        mode: stat.mode,
+        uid: stat.uid,
+        gid: stat.gid,
+        mtime_ns: (!ignore_mtime).then_some(stat.mtime_ns),
+    };
+    let member = Member {
+        guest_id: r.get(0)?,
+        path: r.get(1)?,
+        stat,
+    };
+    Ok(Some((parts, marker, member)))
+}
+
+/// The run-wide state of the planning pass.
+struct Planner<'a> {
+    root: &'a HostRoot,
+    guests: &'a HashMap<i64, &'a OpenGuest>,
+    opts: &'a UnifyOptions,
+    /// The most links an object may end up with.
+    max_nlink: u64,
+    /// Links planned per object name in this run (not made yet).
+    planned_links: HashMap<String, u64>,
+    /// Immutable objects this run links to: their flag comes off for the run.
+    touched_immutable: BTreeSet<String>,
+    /// Blocks of objects made by copying.
+    copied_blocks: u64,
+}
+
+impl Planner<'_> {
+    /// Plans one (key, marker) group, in chunks that fit the link limit; failures go to the
+    /// report.
+    fn group(
+        &mut self,
+        parts: &KeyParts,
+        marker: Marker,
+        group: &[Member],
+        report: &mut UnifyReport,
+    ) {
+        let spec = ObjectSpec {
+            parts,
+            kind: marker,
+            ign_mtime: self.opts.ignore_mtime,
+        };
+        let shared = group.iter().any(|m| m.stat.ino != group[0].stat.ino);
+        // Members are sorted by inode; cut at inode boundaries so hardlink groups stay whole.
+        for chunk in link_chunks(group, self.max_nlink - 1) {
+            match self.chunk(&spec, chunk, shared) {
+                Ok(Some(planned)) => {
+                    if marker == Marker::Immutable && !self.opts.dry_run {
+                        self.touched_immutable.insert(planned.object_name);
+                    }
+                    report.objects_created += u64::from(planned.created);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let m = &chunk[0];
+                    report.failures.push(Failure::new(
+                        self.guests[&m.guest_id],
+                        &m.path,
+                        e.to_string(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Chooses the object of one chunk of a key group (`shared`: the whole group has more than
+    /// one inode) and records the paths to replace.
+    fn chunk(
+        &mut self,
+        spec: &ObjectSpec<'_>,
+        chunk: &[Member],
+        shared: bool,
+    ) -> Result<Option<Planned>> {
+        let root = self.root;
+        let mut paths_per_ino: BTreeMap<u64, u64> = BTreeMap::new();
+        for m in chunk {
+            *paths_per_ino.entry(m.stat.ino).or_default() += 1;
+        }
+        let needed = chunk.len() as u64;
+        let found = store::find_object(root, spec, needed, self.max_nlink, &self.planned_links)?;
+        let (object, created) = match found {
+            Ok(object) => (object, false),
+            // A key held by one inode only is not worth an object.
+            Err(_) if !shared => return Ok(None),
+            Err(seq) => {
+                // An inode all of whose links are in this chunk can become the object itself.
+                let adoptable = chunk
+                    .iter()
+                    .filter(|m| m.stat.nlink == paths_per_ino[&m.stat.ino])
+                    .max_by_key(|m| m.stat.nlink);
+                if self.opts.dry_run {
+                    let name = store::object_name(&spec.parts.key(), spec.kind, seq);
+                    if adoptable.is_none() {
+                        self.copied_blocks += chunk[0].stat.blocks;
+                    }
+                    record_plan(root, chunk, None, &name, adoptable.map(|m| m.stat.ino))?;
+                    *self.planned_links.entry(name.clone()).or_default() += needed;
+                    return Ok(Some(Planned {
+                        object_name: name,
+                        created: true,
+                    }));
+                }
+                let adopted = match adoptable {
+                    Some(m) => adopt_member(root, self.guests[&m.guest_id], spec, seq, m)?,
+                    None => None,
+                };
+                let object = match adopted {
+                    Some(object) => object,
+                    None => {
+                        let m = &chunk[0];
+                        let object = copy_member(root, self.guests[&m.guest_id], spec, seq, m)?;
+                        self.copied_blocks += object.blocks;
+                        object
+                    }
+                };
+                (object, true)
+            }
+        };
+        record_plan(root, chunk, Some(&object), &object.name, Some(object.ino))?;
+        *self.planned_links.entry(object.name.clone()).or_default() += needed;
+        Ok(Some(Planned {
+            object_name: object.name,
+            created,
+        }))
+    }
 }
 
 /// Splits a group (sorted by inode) into runs of at most `cap` paths, never splitting an inode.
@@ -588,78 +682,10 @@ fn link_chunks(group: &[Member], cap: u64) -> Vec<&[Member]> {
     chunks
 }
 
+/// The outcome of planning one chunk.
 struct Planned {
     object_name: String,
     created: bool,
-    copied_blocks: u64,
-}
-
-/// Chooses the object of one key group and records the paths to replace.
-fn plan_group(
-    root: &HostRoot,
-    guests: &HashMap<i64, &OpenGuest>,
-    spec: &ObjectSpec<'_>,
-    group: &[Member],
-    max_nlink: u64,
-    dry_run: bool,
-    planned_links: &mut HashMap<String, u64>,
-) -> Result<Option<Planned>> {
-    let mut paths_per_ino: BTreeMap<u64, u64> = BTreeMap::new();
-    for m in group {
-        *paths_per_ino.entry(m.stat.ino).or_default() += 1;
-    }
-    let found = store::find_object(root, spec, group.len() as u64, max_nlink, planned_links)?;
-    let (object, created, copied_blocks, name) = match found {
-        Ok(object) => {
-            let name = object.name.clone();
-            (Some(object), false, 0, name)
-        }
-        Err(_) if paths_per_ino.len() < 2 => return Ok(None),
-        Err(seq) => {
-            let name = store::object_name(&spec.parts.key(), spec.kind, seq);
-            // An inode all of whose links are in this group can become the object itself.
-            let adoptable = group
-                .iter()
-                .filter(|m| m.stat.nlink == paths_per_ino[&m.stat.ino])
-                .max_by_key(|m| m.stat.nlink);
-            if dry_run {
-                let copied = if adoptable.is_some() {
-                    0
-                } else {
-                    group[0].stat.blocks
-                };
-                let object_ino = adoptable.map(|m| m.stat.ino);
-                record_plan(root, group, None, &name, object_ino)?;
-                *planned_links.entry(name.clone()).or_default() += group.len() as u64;
-                return Ok(Some(Planned {
-                    object_name: name,
-                    created: true,
-                    copied_blocks: copied,
-                }));
-            }
-            let made = match adoptable {
-                Some(m) => adopt_member(root, guests[&m.guest_id], spec, seq, m)?,
-                None => None,
-            };
-            match made {
-                Some(object) => (Some(object), true, 0, name),
-                None => {
-                    let m = &group[0];
-                    let object = copy_member(root, guests[&m.guest_id], spec, seq, m)?;
-                    let blocks = object.blocks;
-                    (Some(object), true, blocks, name)
-                }
-            }
-        }
-    };
-    let object = object.expect("an object was found or made");
-    record_plan(root, group, Some(&object), &name, Some(object.ino))?;
-    *planned_links.entry(name.clone()).or_default() += group.len() as u64;
-    Ok(Some(Planned {
-        object_name: name,
-        created,
-        copied_blocks,
-    }))
 }
 
 fn record_plan(
