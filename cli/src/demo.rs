@@ -79,29 +79,29 @@ pub fn run(keep: Option<PathBuf>, guests: usize, json: bool, bars: &Bars) -> Res
     let after = allocated(&measured);
     let stats = cowherd_unify::stats(&root, 5)?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "unify": report, "stats": stats, "du_before": before, "du_after": after })
         );
     } else {
-        println!(
+        outln!(
             "generated {} guests, {} files, {} in {}",
             generated.guests.len(),
             generated.files,
             fmt::bytes(generated.bytes),
             src.display()
         );
-        println!(
+        outln!(
             "unify: hashed {} files ({}), linked {} files into {} objects",
             report.hashed_files,
             fmt::bytes(report.hashed_bytes),
             report.linked_files,
             report.objects_created
         );
-        println!();
+        outln!();
         crate::print_stats(&stats);
-        println!();
-        println!(
+        outln!();
+        outln!(
             "on disk (st_blocks, each inode once): {} before, {} after: {} saved ({:.1}%)",
             fmt::bytes(before),
             fmt::bytes(after),
@@ -109,7 +109,7 @@ pub fn run(keep: Option<PathBuf>, guests: usize, json: bool, bars: &Bars) -> Res
             100.0 * before.saturating_sub(after) as f64 / before.max(1) as f64
         );
         if Path::new(&top).exists() && _tmp_kept(&root_dir) {
-            println!(
+            outln!(
                 "root kept at {}: try `cowherd --root {} stats`",
                 root_dir.display(),
                 root_dir.display()

@@ -1,6 +1,8 @@
 //! `cowherd`: the command-line shell over the unify and builder libraries.
 
 mod bars;
+#[macro_use]
+mod out;
 mod demo;
 mod fmt;
 
@@ -64,7 +66,9 @@ enum Command {
         long_about = "Index the guests and replace every eligible file by a hardlink to the store \
 object with the same key: BLAKE3 of content, size, mode, uid, gid, mtime and all xattrs. A path is \
 replaced by link-to-temporary, re-check, rename: it never disappears, and a file changed since it \
-was hashed is left alone. Guests must not be mounted."
+was hashed is left alone. Guests must not be mounted. Which paths may be shared is set by the marker policy \
+($ROOT/policy.toml, and [policy] in a guest's guest.toml): private paths are never linked, cow paths \
+are shared, immutable paths are shared and get the inode's immutable flag."
     )]
     Unify(UnifyArgs),
     /// Show logical, physical and saved bytes per guest and in total.
@@ -151,7 +155,7 @@ fn open(root: &Path, access: Access) -> Result<HostRoot> {
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -161,7 +165,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Init => {
             let root = HostRoot::init(&cli.root)
                 .with_context(|| format!("initialising {}", cli.root.display()))?;
-            println!("initialised {}", root.path().display());
+            outln!("initialised {}", root.path().display());
             Ok(0)
         }
         Command::Adopt { path, name, json } => {
@@ -171,7 +175,7 @@ fn run(cli: Cli) -> Result<u8> {
             if json {
                 print_json(&record)?;
             } else {
-                println!("adopted {} as guest {name}", path.display());
+                outln!("adopted {} as guest {name}", path.display());
             }
             Ok(0)
         }
@@ -194,12 +198,12 @@ fn run(cli: Cli) -> Result<u8> {
                 print_json(&report)?;
             } else {
                 for p in &report.corrupt {
-                    println!("CORRUPT {}: {}", p.what, p.problem);
+                    outln!("CORRUPT {}: {}", p.what, p.problem);
                 }
                 for p in &report.stale {
-                    println!("stale   {}: {}", p.what, p.problem);
+                    outln!("stale   {}: {}", p.what, p.problem);
                 }
-                println!(
+                outln!(
                     "checked {} objects ({}): {} corrupt; {} stale index entries{}",
                     report.objects_checked,
                     fmt::bytes(report.bytes_checked),
@@ -225,12 +229,12 @@ fn run(cli: Cli) -> Result<u8> {
                 print_json(&report)?;
             } else {
                 for name in &report.removed {
-                    println!(
+                    outln!(
                         "{} {name}",
                         if dry_run { "would remove" } else { "removed" }
                     );
                 }
-                println!(
+                outln!(
                     "{} {} unreferenced objects ({}); {} objects in use",
                     if dry_run { "would remove" } else { "removed" },
                     report.removed.len(),
@@ -282,7 +286,7 @@ fn list(root: &Path, json: bool) -> Result<u8> {
                     r.files.to_string(),
                     r.linked_files.to_string(),
                     fmt::bytes(r.logical_bytes),
-                    r.last_unify.map_or("never".into(), |t| format!("@{t}")),
+                    r.last_unify.map_or("never".into(), fmt::ago),
                 ]
             })
             .collect();
@@ -328,7 +332,7 @@ fn unify(root: &Path, args: UnifyArgs, bars: &Bars) -> Result<u8> {
 fn print_unify(r: &UnifyReport, verbose: bool) {
     if verbose {
         for p in &r.linked {
-            println!(
+            outln!(
                 "{} {}:{} -> {}",
                 if r.dry_run { "would link" } else { "linked" },
                 p.guest,
@@ -338,7 +342,7 @@ fn print_unify(r: &UnifyReport, verbose: bool) {
         }
     }
     let would = if r.dry_run { "would " } else { "" };
-    println!(
+    outln!(
         "{} guests: {} files scanned ({} new, {} changed, {} removed)",
         r.guests.len(),
         r.files_scanned,
@@ -346,26 +350,26 @@ fn print_unify(r: &UnifyReport, verbose: bool) {
         r.files_changed,
         r.files_removed
     );
-    println!(
+    outln!(
         "hashed {} files ({}), {} by partial hash only",
         r.hashed_files,
         fmt::bytes(r.hashed_bytes),
         r.partial_hashed_files
     );
-    println!(
+    outln!(
         "{would}link {} files, {would}create {} objects; {would}save {}",
         r.linked_files,
         r.objects_created,
         fmt::bytes(r.saved_bytes)
     );
     if r.skipped_changed > 0 {
-        println!(
+        outln!(
             "{} files changed while running and were left alone",
             r.skipped_changed
         );
     }
     if !r.failures.is_empty() {
-        println!("{} failures (see warnings above)", r.failures.len());
+        outln!("{} failures (see warnings above)", r.failures.len());
     }
 }
 
@@ -389,8 +393,8 @@ fn print_stats(s: &cowherd_unify::Stats) {
         &rows,
     );
     let t = &s.total;
-    println!();
-    println!(
+    outln!();
+    outln!(
         "total: {} guests, {} files, {} objects; logical {}, physical {}, saved {} (ratio {:.2}x)",
         t.guests,
         t.files,
@@ -401,7 +405,7 @@ fn print_stats(s: &cowherd_unify::Stats) {
         t.ratio
     );
     if !s.top.is_empty() {
-        println!();
+        outln!();
         let rows: Vec<Vec<String>> = s
             .top
             .iter()
