@@ -149,9 +149,9 @@ impl Index {
         Ok(self.conn.last_insert_rowid())
     }
 
-    /// Runs `sql` with `params`, wrapping errors.
+    /// Runs `sql` with `params` through the statement cache, wrapping errors.
     pub fn exec(&self, sql: &str, p: impl rusqlite::Params) -> Result<usize> {
-        self.conn.execute(sql, p).map_err(|e| self.err(e))
+        self.conn.prepare_cached(sql).and_then(|mut stmt| stmt.execute(p)).map_err(|e| self.err(e))
     }
 
     /// Drops every row of guests not in `keep`.

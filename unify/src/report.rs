@@ -123,6 +123,8 @@ pub struct UnifyReport {
     pub skipped_changed: u64,
     /// Files or guests that failed; the run went on without them.
     pub failures: Vec<Failure>,
+    /// Wall-clock seconds per phase (scan, hash, plan, link).
+    pub seconds: std::collections::BTreeMap<&'static str, f64>,
     /// Every linked path, when asked for.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub linked: Vec<LinkedPath>,

@@ -105,11 +105,18 @@ pub fn unify(
         return Ok(report);
     }
 
+    let mut clock = std::time::Instant::now();
+    let mut lap = |report: &mut UnifyReport, phase: &'static str| {
+        let now = std::time::Instant::now();
+        *report.seconds.entry(phase).or_default() += (now - clock).as_secs_f64();
+        clock = now;
+    };
     progress.start(Phase::Scan, None);
     for guest in &guests {
         scan_guest(root, guest, &mut report, progress)?;
     }
     progress.finish();
+    lap(&mut report, "scan");
 
     let opts = UnifyOptions {
         min_size: opts.min_size.max(1),
@@ -117,11 +124,15 @@ pub fn unify(
     };
     let by_id: HashMap<i64, &OpenGuest> = guests.iter().map(|g| (g.id, g)).collect();
     build_candidates(root, &guests, &opts)?;
+    lap(&mut report, "group");
     hash_stage(root, &by_id, Stage::Partial, &mut report, progress)?;
     hash_stage(root, &by_id, Stage::Full, &mut report, progress)?;
+    lap(&mut report, "hash");
     let copied_blocks = plan(root, &by_id, &opts, &mut report)?;
+    lap(&mut report, "plan");
     if !opts.dry_run {
         replace_all(root, &by_id, &opts, &mut report, progress)?;
+        lap(&mut report, "link");
         for e in store::restore_immutable(root)? {
             report.failures.push(Failure {
                 guest: String::new(),
@@ -852,7 +863,6 @@ fn replace_all(
     }
     progress.start(Phase::Link, Some(total as u64));
     let mut ctimes: HashMap<u64, i64> = HashMap::new();
-    let mut counter = 0u64;
     let mut last = 0i64;
     loop {
         let steps = read_steps(&idx.conn, last, root.dev()).map_err(|e| idx.err(e))?;
@@ -884,21 +894,36 @@ fn replace_all(
         }
         tx.commit().map_err(|e| idx.err(e))?;
 
-        let mut done = Vec::new();
-        for s in &steps {
-            let guest = guests[&s.guest_id];
+        // Paths of single-link inodes are independent: replace them in parallel, which
+        // overlaps the filesystem's latency. Paths of inodes with several links go one after
+        // the other, so each sees the ctime the previous replacement left.
+        let objects = ObjectsDir {
+            fd: root.objects_fd(),
+            path: root.objects_dir(),
+        };
+        let attempt = |s: &Step, ctimes: &mut HashMap<u64, i64>| {
             let (parent, name) = fsx::split_parent(&s.path);
-            let dir = match &dirs[&(s.guest_id, parent.to_vec())] {
-                Ok((fd, _)) => fd.as_fd(),
-                Err(e) => {
-                    report
-                        .failures
-                        .push(Failure::new(guest, &s.path, e.clone()));
-                    continue;
+            match &dirs[&(s.guest_id, parent.to_vec())] {
+                Ok((fd, _)) => {
+                    replace_one(&objects, guests[&s.guest_id], fd.as_fd(), name, s, ctimes)
                 }
-            };
-            counter += 1;
-            match replace_one(root, guest, dir, name, s, counter, &mut ctimes) {
+                Err(e) => Err(Error::Io {
+                    path: guests[&s.guest_id].host_path(parent),
+                    source: std::io::Error::other(e.clone()),
+                }),
+            }
+        };
+        let (single, multi): (Vec<&Step>, Vec<&Step>) =
+            steps.iter().partition(|s| s.then.nlink <= 1);
+        let mut outcomes: Vec<(&Step, Result<Outcome>)> = single
+            .par_iter()
+            .map(|s| (*s, attempt(s, &mut HashMap::new())))
+            .collect();
+        outcomes.extend(multi.into_iter().map(|s| (s, attempt(s, &mut ctimes))));
+        let mut done = Vec::new();
+        for (s, outcome) in outcomes {
+            let guest = guests[&s.guest_id];
+            match outcome {
                 Ok(Outcome::Linked) => {
                     report.linked_files += 1;
                     if opts.list_paths {
@@ -948,15 +973,20 @@ enum Outcome {
     Changed,
 }
 
+/// The store's object directory, shareable between threads (the root's index is not).
+struct ObjectsDir<'a> {
+    fd: BorrowedFd<'a>,
+    path: std::path::PathBuf,
+}
+
 /// Replaces `dir`/`name` by a link to the step's object: link to a temporary name, re-check,
 /// rename over. The name never disappears.
 fn replace_one(
-    root: &HostRoot,
+    objects: &ObjectsDir<'_>,
     guest: &OpenGuest,
     dir: BorrowedFd<'_>,
     name: &[u8],
     s: &Step,
-    counter: u64,
     ctimes: &mut HashMap<u64, i64>,
 ) -> Result<Outcome> {
     use std::ffi::OsStr;
@@ -975,16 +1005,16 @@ fn replace_one(
     if !check(&now) {
         return Ok(Outcome::Changed);
     }
-    let tmp = store::temp_name(&s.object_name, counter);
+    let tmp = store::temp_name(&s.object_name, s.id as u64);
     let object_rel = store::object_rel(&s.object_name);
     nix::unistd::linkat(
-        root.objects_fd(),
+        objects.fd,
         object_rel.as_str(),
         dir,
         OsStr::from_bytes(&tmp),
         nix::fcntl::AtFlags::empty(),
     )
-    .at(root.objects_dir().join(&object_rel))?;
+    .at(objects.path.join(&object_rel))?;
     let unlink_tmp = || {
         let _ = nix::unistd::unlinkat(
             dir,
