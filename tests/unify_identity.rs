@@ -232,6 +232,35 @@ fn a_second_unify_hashes_nothing_and_a_changed_file_is_rehashed_alone() {
     assert_eq!(fs::read(&p).unwrap(), new);
 }
 
+#[test]
+fn files_deleted_or_replaced_by_a_directory_leave_the_index() {
+    assert_root();
+    let s = Scratch::new("removed");
+    let root = init_root(s.path());
+    adopt_built(&root, s.path(), "g1", |d| incremental_guest(d, 1));
+    adopt_built(&root, s.path(), "g2", |d| incremental_guest(d, 2));
+    run_json(cowherd(&root).args(["unify", "--all", "--json"]));
+
+    let b = base(&root, "g1");
+    fs::remove_file(b.join("usr/share/inc/f1")).unwrap();
+    fs::remove_file(b.join("usr/share/inc/f2")).unwrap();
+    fs::create_dir(b.join("usr/share/inc/f2")).unwrap();
+    let again = run_json(cowherd(&root).args(["unify", "--all", "--json"]));
+    assert_eq!(
+        find_number(&again, &|k| k == "files_removed"),
+        Some(2),
+        "{again}"
+    );
+    assert_eq!(hashed_files(&again), 0, "{again}");
+
+    // The index no longer knows those paths: verify has nothing stale to say.
+    let v = run_json(cowherd(&root).args(["verify", "--json"]));
+    assert_eq!(v["stale"].as_array().map(Vec::len), Some(0), "{v}");
+    let stats = run_json(cowherd(&root).args(["stats", "--json"]));
+    let g1 = &stats_per_guest(&stats)["g1"];
+    assert_eq!(g1["files"].as_u64(), Some(19), "{g1}");
+}
+
 /// One file whose mtime depends on the variant, and one that is fully identical.
 fn mtime_guest(dir: &Path, variant: u32) {
     let mut t = TreeBuilder::new(dir);

@@ -10,13 +10,12 @@ use crate::policy::PolicyError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O or system-call failure on a path.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The path the call was about.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (shown in the message, so not chained as a source).
+        error: std::io::Error,
     },
     /// The host root does not exist or was never initialised.
     #[error("{path} is not a cowherd root (no index.db): run `cowherd --root {path} init` first")]
@@ -93,13 +92,12 @@ pub enum Error {
     #[error(transparent)]
     Policy(#[from] PolicyError),
     /// The index database failed.
-    #[error("index {path}: {source}")]
+    #[error("index {path}: {error}")]
     Index {
         /// The database file.
         path: PathBuf,
         /// The SQLite error.
-        #[source]
-        source: rusqlite::Error,
+        error: rusqlite::Error,
     },
     /// Something that must be a directory is not.
     #[error("{path} is not a directory")]
@@ -120,9 +118,9 @@ pub(crate) trait PathContext<T> {
 
 impl<T> PathContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| Error::Io {
+        self.map_err(|error| Error::Io {
             path: path.into(),
-            source,
+            error,
         })
     }
 }
@@ -131,7 +129,7 @@ impl<T> PathContext<T> for nix::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
         self.map_err(|e| Error::Io {
             path: path.into(),
-            source: std::io::Error::from(e),
+            error: std::io::Error::from(e),
         })
     }
 }
@@ -140,7 +138,7 @@ impl Error {
     /// The `errno` behind this error, if it came from a system call.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Io { source, .. } => source.raw_os_error(),
+            Error::Io { error, .. } => error.raw_os_error(),
             _ => None,
         }
     }

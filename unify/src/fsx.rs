@@ -144,7 +144,7 @@ pub(crate) fn open_dir_beneath(
         nix::errno::Errno::ENOTDIR => Error::NotADirectory { path: shown() },
         e => Error::Io {
             path: shown(),
-            source: e.into(),
+            error: e.into(),
         },
     })
 }
@@ -165,7 +165,7 @@ pub(crate) fn open_dir(path: &Path) -> Result<OwnedFd> {
         },
         e => Error::Io {
             path: path.to_path_buf(),
-            source: e.into(),
+            error: e.into(),
         },
     })
 }

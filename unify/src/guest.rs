@@ -170,7 +170,7 @@ pub fn adopt(root: &HostRoot, src: &Path, name: &str) -> Result<GuestRecord> {
         } else {
             Error::Io {
                 path: abs.clone(),
-                source: e,
+                error: e,
             }
         }
     })?;

@@ -88,9 +88,9 @@ impl Index {
     /// # Errors
     /// [`Error::Index`] if SQLite cannot open or set up the file.
     pub fn open(path: &Path) -> Result<Index> {
-        let wrap = |source| Error::Index {
+        let wrap = |error| Error::Index {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let conn = Connection::open(path).map_err(wrap)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
@@ -124,10 +124,10 @@ impl Index {
     }
 
     /// Wraps a SQLite error with the database path.
-    pub fn err(&self, source: rusqlite::Error) -> Error {
+    pub fn err(&self, error: rusqlite::Error) -> Error {
         Error::Index {
             path: self.path.clone(),
-            source,
+            error,
         }
     }
 
@@ -151,7 +151,10 @@ impl Index {
 
     /// Runs `sql` with `params` through the statement cache, wrapping errors.
     pub fn exec(&self, sql: &str, p: impl rusqlite::Params) -> Result<usize> {
-        self.conn.prepare_cached(sql).and_then(|mut stmt| stmt.execute(p)).map_err(|e| self.err(e))
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut stmt| stmt.execute(p))
+            .map_err(|e| self.err(e))
     }
 
     /// Drops every row of guests not in `keep`.

@@ -216,7 +216,7 @@ fn take_lock(path: &Path) -> Result<Flock<File>> {
         } else {
             Error::Io {
                 path: path.to_path_buf(),
-                source: errno.into(),
+                error: errno.into(),
             }
         }
     })

@@ -1,12 +1,18 @@
-//! Scan: walk a guest's base tree and bring its rows in the index up to date, one stat per file.
+//! Scan: walk the guests' base trees and bring their rows in the index up to date, one stat per
+//! file.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 
-use rusqlite::{OptionalExtension, params};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::mpsc::SyncSender;
 
-use crate::error::{PathContext, Result};
-use crate::fsx::{self, Stat};
+use rayon::prelude::*;
+use rusqlite::{Connection, OpenFlags, params};
+
+use crate::error::{Error, Result};
+use crate::fsx::Stat;
 use crate::guest::OpenGuest;
 use crate::progress::Progress;
 use crate::report::{Failure, UnifyReport};
@@ -15,223 +21,377 @@ use crate::store::TEMP_PREFIX;
 
 /// Rows written per transaction.
 const BATCH: usize = 4096;
+/// Entries a walker sends at once.
+const CHUNK: usize = 1024;
 
-/// Walks `guest` and updates its `files` rows.
+/// What a walker found that the index must learn.
+enum Found {
+    /// A regular file that is new (`known` false) or changed since its row was written.
+    File {
+        rel: Vec<u8>,
+        stat: Stat,
+        marker: i64,
+        known: bool,
+    },
+    /// An unchanged file whose marker is now different.
+    Marker { rel: Vec<u8>, marker: i64 },
+    /// A recorded path that is gone or no longer a regular file.
+    Gone { rel: Vec<u8> },
+    /// An entry that could not be read.
+    Failure { rel: Vec<u8>, error: String },
+    /// The guest's rows could not be read: the scan stops.
+    Fatal(Error),
+}
+
+/// A chunk of one guest's walk; `done` on its last chunk.
+struct Chunk {
+    guest: usize,
+    found: Vec<Found>,
+    unchanged: u64,
+    done: bool,
+}
+
+/// What the index says of one path.
+struct Known {
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    linked: bool,
+    marker: i64,
+    seen: bool,
+}
+
+/// Walks `guests` in parallel and brings their `files` rows up to date.
 ///
 /// # Algorithm
-/// The walk starts at the guest's already-opened base directory (through `/proc/self/fd`, so
-/// a base swapped for a symlink meanwhile is not followed), never follows symlinks and never
-/// leaves the filesystem. For each regular file one `lstat` decides:
+/// One walker per guest (on the I/O pool) reads the guest's rows once through its own
+/// read-only connection, then walks the tree from the guest's already-opened base directory
+/// (through `/proc/self/fd`, so a base swapped for a symlink meanwhile is not followed),
+/// never following symlinks and never leaving the filesystem. One `lstat` per regular file
+/// decides:
 /// * a path still linked to its store object (same inode as recorded) — nothing to do;
 /// * same inode, size, mtime and ctime as recorded — unchanged, hashes kept;
 /// * otherwise — new or changed: the row is rewritten and its hashes cleared.
 ///
-/// Rows not seen (deleted files) are found without a write per unchanged file: if fewer
-/// recorded rows were seen than exist, each recorded path is checked once more.
+/// Rows left unseen are the deleted paths. Walkers send only what changed, in chunks through a
+/// bounded channel, to this thread, the one index writer; an unchanged tree costs no write.
+/// Memory holds one guest's rows per walker, never all guests'.
 ///
 /// # Errors
 /// Index errors abort; a file or directory that cannot be read is reported in
 /// `report.failures` and skipped.
-pub(crate) fn scan_guest(
+pub(crate) fn scan_guests(
     root: &HostRoot,
-    guest: &OpenGuest,
+    guests: &[OpenGuest],
     report: &mut UnifyReport,
     progress: &dyn Progress,
+    pool: &rayon::ThreadPool,
 ) -> Result<()> {
-    let idx = &root.index;
+    let index_path = root.index.path.as_path();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(64);
+    std::thread::scope(|scope| -> Result<()> {
+        scope.spawn(move || {
+            pool.install(|| {
+                guests
+                    .par_iter()
+                    .enumerate()
+                    .for_each_with(tx, |tx, (i, guest)| {
+                        walk(index_path, guest, i, tx, progress);
+                    });
+            });
+        });
+        // On an error `rx` is dropped on return, which stops the walkers' sends.
+        let mut writer = Writer::new(root)?;
+        for chunk in rx {
+            let guest = &guests[chunk.guest];
+            report.files_scanned += chunk.unchanged;
+            for found in chunk.found {
+                match found {
+                    Found::File {
+                        rel,
+                        stat,
+                        marker,
+                        known,
+                    } => {
+                        report.files_scanned += 1;
+                        if known {
+                            report.files_changed += 1;
+                        } else {
+                            report.files_new += 1;
+                        }
+                        writer.file(guest.id, &rel, &stat, marker)?;
+                    }
+                    Found::Marker { rel, marker } => {
+                        report.files_scanned += 1;
+                        writer.exec(
+                            "UPDATE files SET marker = ?3 WHERE guest_id = ?1 AND path = ?2",
+                            params![guest.id, rel, marker],
+                        )?;
+                    }
+                    Found::Gone { rel } => {
+                        report.files_removed += 1;
+                        writer.exec(
+                            "DELETE FROM files WHERE guest_id = ?1 AND path = ?2",
+                            params![guest.id, rel],
+                        )?;
+                    }
+                    Found::Failure { rel, error } => {
+                        report.failures.push(Failure::new(guest, &rel, error));
+                    }
+                    Found::Fatal(e) => return Err(e),
+                }
+            }
+            if chunk.done {
+                mark_conflicts(root, guest)?;
+            }
+        }
+        writer.commit()
+    })
+}
+
+/// Reads the rows of one guest, keyed by path.
+fn known_rows(index_path: &Path, guest_id: i64) -> Result<HashMap<Vec<u8>, Known>> {
+    let wrap = |error| Error::Index {
+        path: index_path.to_path_buf(),
+        error,
+    };
+    let conn = Connection::open_with_flags(
+        index_path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(wrap)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))
+        .map_err(wrap)?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT path, ino, size, mtime_ns, ctime_ns, object_id IS NOT NULL, marker
+             FROM files WHERE guest_id = ?1",
+        )
+        .map_err(wrap)?;
+    let rows = stmt
+        .query_map([guest_id], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                Known {
+                    ino: r.get::<_, i64>(1)? as u64,
+                    size: r.get::<_, i64>(2)? as u64,
+                    mtime_ns: r.get(3)?,
+                    ctime_ns: r.get(4)?,
+                    linked: r.get(5)?,
+                    marker: r.get(6)?,
+                    seen: false,
+                },
+            ))
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<HashMap<_, _>>>())
+        .map_err(wrap)?;
+    Ok(rows)
+}
+
+/// Walks one guest and sends what changed; stops early if the writer has gone.
+fn walk(
+    index_path: &Path,
+    guest: &OpenGuest,
+    index: usize,
+    tx: &SyncSender<Chunk>,
+    progress: &dyn Progress,
+) {
+    let mut known = match known_rows(index_path, guest.id) {
+        Ok(k) => k,
+        Err(e) => {
+            let fatal = vec![Found::Fatal(e)];
+            let _ = tx.send(Chunk {
+                guest: index,
+                found: fatal,
+                unchanged: 0,
+                done: true,
+            });
+            return;
+        }
+    };
     let proc_path = format!("/proc/self/fd/{}", guest.base_fd.as_raw_fd());
     let prefix_len = proc_path.len() + 1;
-    let existing: i64 = idx
-        .conn
-        .query_row(
-            "SELECT COUNT(*) FROM files WHERE guest_id = ?1",
-            [guest.id],
-            |r| r.get(0),
-        )
-        .map_err(|e| idx.err(e))?;
-    let mut seen_existing: i64 = 0;
-
-    let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
-    let mut pending = 0usize;
-    {
-        let mut select = idx
-            .conn
-            .prepare_cached(
-                "SELECT ino, size, mtime_ns, ctime_ns, object_id, marker
-                 FROM files WHERE guest_id = ?1 AND path = ?2",
-            )
-            .map_err(|e| idx.err(e))?;
-        let mut insert = idx
-            .conn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO files(guest_id, path, dev, ino, nlink, size, blocks, mtime_ns,
-                    ctime_ns, mode, uid, gid, marker, phash, chash, xhash, object_id, orig_ino,
-                    orig_blocks, gen)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, NULL, NULL, NULL,
-                    NULL, ?4, ?7, 0)",
-            )
-            .map_err(|e| idx.err(e))?;
-        let mut set_marker = idx
-            .conn
-            .prepare_cached("UPDATE files SET marker = ?3 WHERE guest_id = ?1 AND path = ?2")
-            .map_err(|e| idx.err(e))?;
-
-        let mut abs = Vec::with_capacity(256);
-        let walker = walkdir::WalkDir::new(&proc_path)
-            .follow_links(false)
-            .same_file_system(true);
-        for entry in walker {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) => {
-                    let rel = e
-                        .path()
-                        .map(|p| {
-                            p.as_os_str()
-                                .as_bytes()
-                                .get(prefix_len..)
-                                .unwrap_or(b"")
-                                .to_vec()
-                        })
-                        .unwrap_or_default();
-                    report
-                        .failures
-                        .push(Failure::new(guest, &rel, e.to_string()));
-                    continue;
+    let rel_of = |p: &Path| {
+        p.as_os_str()
+            .as_bytes()
+            .get(prefix_len..)
+            .unwrap_or(b"")
+            .to_vec()
+    };
+    let mut chunk = Chunk {
+        guest: index,
+        found: Vec::with_capacity(CHUNK),
+        unchanged: 0,
+        done: false,
+    };
+    let mut abs = Vec::with_capacity(256);
+    let walker = walkdir::WalkDir::new(&proc_path)
+        .follow_links(false)
+        .same_file_system(true);
+    for entry in walker {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                let rel = e.path().map(rel_of).unwrap_or_default();
+                // A directory that cannot be read: keep the rows below it rather than drop them.
+                let prefix = [rel.as_slice(), b"/"].concat();
+                for (path, k) in known.iter_mut() {
+                    if path.starts_with(&prefix) {
+                        k.seen = true;
+                    }
                 }
-            };
-            if !entry.file_type().is_file() {
+                chunk.found.push(Found::Failure {
+                    rel,
+                    error: e.to_string(),
+                });
                 continue;
             }
-            let full = entry.path().as_os_str().as_bytes();
-            let rel = &full[prefix_len.min(full.len())..];
-            if entry.file_name().as_bytes().starts_with(TEMP_PREFIX) {
+        };
+        if !entry.file_type().is_file() || entry.file_name().as_bytes().starts_with(TEMP_PREFIX) {
+            continue;
+        }
+        let rel = rel_of(entry.path());
+        progress.advance(1);
+        let stat = match entry.metadata() {
+            Ok(m) => Stat::from(&m),
+            Err(e) => {
+                if let Some(k) = known.get_mut(&rel) {
+                    k.seen = true;
+                }
+                chunk.found.push(Found::Failure {
+                    rel,
+                    error: e.to_string(),
+                });
                 continue;
             }
-            let st = match entry.metadata() {
-                Ok(m) => Stat::from(&m),
-                Err(e) => {
-                    report
-                        .failures
-                        .push(Failure::new(guest, rel, e.to_string()));
-                    continue;
-                }
-            };
-            report.files_scanned += 1;
-            progress.advance(1);
-            abs.clear();
-            abs.push(b'/');
-            abs.extend_from_slice(rel);
-            let marker = guest.policy.marker_for(&abs).code();
-
-            type Row = (i64, i64, i64, i64, Option<i64>, i64);
-            let row: Option<Row> = select
-                .query_row(params![guest.id, rel], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                    ))
-                })
-                .optional()
-                .map_err(|e| idx.err(e))?;
-            let unchanged = match row {
-                Some((ino, size, mtime, ctime, object, _)) => {
-                    seen_existing += 1;
-                    let same_inode = ino as u64 == st.ino;
-                    (same_inode && object.is_some())
-                        || (same_inode
-                            && size as u64 == st.size
-                            && mtime == st.mtime_ns
-                            && ctime == st.ctime_ns)
-                }
-                None => false,
-            };
-            if unchanged {
-                if row.is_some_and(|r| r.5 != marker) {
-                    set_marker
-                        .execute(params![guest.id, rel, marker])
-                        .map_err(|e| idx.err(e))?;
-                    pending += 1;
-                }
-            } else {
-                if row.is_some() {
-                    report.files_changed += 1;
-                } else {
-                    report.files_new += 1;
-                }
-                insert
-                    .execute(params![
-                        guest.id,
+        };
+        abs.clear();
+        abs.push(b'/');
+        abs.extend_from_slice(&rel);
+        let marker = guest.policy.marker_for(&abs).code();
+        match known.get_mut(&rel) {
+            Some(k) => {
+                k.seen = true;
+                let same_inode = k.ino == stat.ino;
+                let unchanged = (same_inode && k.linked)
+                    || (same_inode
+                        && k.size == stat.size
+                        && k.mtime_ns == stat.mtime_ns
+                        && k.ctime_ns == stat.ctime_ns);
+                if !unchanged {
+                    chunk.found.push(Found::File {
                         rel,
-                        st.dev as i64,
-                        st.ino as i64,
-                        st.nlink as i64,
-                        st.size as i64,
-                        st.blocks as i64,
-                        st.mtime_ns,
-                        st.ctime_ns,
-                        st.mode,
-                        st.uid,
-                        st.gid,
-                        marker
-                    ])
-                    .map_err(|e| idx.err(e))?;
-                pending += 1;
+                        stat,
+                        marker,
+                        known: true,
+                    });
+                } else if k.marker != marker {
+                    chunk.found.push(Found::Marker { rel, marker });
+                } else {
+                    chunk.unchanged += 1;
+                }
             }
-            if pending >= BATCH {
-                idx.conn
-                    .execute_batch("COMMIT; BEGIN")
-                    .map_err(|e| idx.err(e))?;
-                pending = 0;
+            None => chunk.found.push(Found::File {
+                rel,
+                stat,
+                marker,
+                known: false,
+            }),
+        }
+        if chunk.found.len() >= CHUNK {
+            let next = Chunk {
+                guest: index,
+                found: Vec::with_capacity(CHUNK),
+                unchanged: 0,
+                done: false,
+            };
+            if tx.send(std::mem::replace(&mut chunk, next)).is_err() {
+                return;
             }
         }
     }
-    tx.commit().map_err(|e| idx.err(e))?;
-
-    if seen_existing < existing {
-        report.files_removed += drop_vanished(root, guest)?;
+    for (rel, k) in known {
+        if !k.seen {
+            chunk.found.push(Found::Gone { rel });
+        }
     }
-    // A hardlink group whose paths got different markers is left alone (treated as private).
-    idx.exec(
+    chunk.done = true;
+    let _ = tx.send(chunk);
+}
+
+/// The index side of the scan: one long transaction, committed every [`BATCH`] writes.
+struct Writer<'a> {
+    root: &'a HostRoot,
+    pending: usize,
+}
+
+impl<'a> Writer<'a> {
+    fn new(root: &'a HostRoot) -> Result<Writer<'a>> {
+        root.index
+            .conn
+            .execute_batch("BEGIN")
+            .map_err(|e| root.index.err(e))?;
+        Ok(Writer { root, pending: 0 })
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        self.root
+            .index
+            .conn
+            .execute_batch("COMMIT")
+            .map_err(|e| self.root.index.err(e))
+    }
+
+    /// Runs one write, committing every [`BATCH`] of them.
+    fn exec(&mut self, sql: &str, p: impl rusqlite::Params) -> Result<()> {
+        self.root.index.exec(sql, p)?;
+        self.pending += 1;
+        if self.pending >= BATCH {
+            self.pending = 0;
+            self.root
+                .index
+                .conn
+                .execute_batch("COMMIT; BEGIN")
+                .map_err(|e| self.root.index.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the row of a new or changed file, its hashes cleared.
+    fn file(&mut self, guest_id: i64, rel: &[u8], st: &Stat, marker: i64) -> Result<()> {
+        self.exec(
+            "INSERT OR REPLACE INTO files(guest_id, path, dev, ino, nlink, size, blocks, mtime_ns,
+                ctime_ns, mode, uid, gid, marker, phash, chash, xhash, object_id, orig_ino,
+                orig_blocks, gen)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, NULL, NULL, NULL,
+                NULL, ?4, ?7, 0)",
+            params![
+                guest_id,
+                rel,
+                st.dev as i64,
+                st.ino as i64,
+                st.nlink as i64,
+                st.size as i64,
+                st.blocks as i64,
+                st.mtime_ns,
+                st.ctime_ns,
+                st.mode,
+                st.uid,
+                st.gid,
+                marker
+            ],
+        )
+    }
+}
+
+/// A hardlink group whose paths got different markers is left alone (treated as private).
+fn mark_conflicts(root: &HostRoot, guest: &OpenGuest) -> Result<()> {
+    root.index.exec(
         "UPDATE files SET marker = 0 WHERE guest_id = ?1 AND object_id IS NULL AND nlink > 1
            AND ino IN (SELECT ino FROM files WHERE guest_id = ?1 AND nlink > 1
                        GROUP BY ino HAVING MIN(marker) <> MAX(marker))",
         [guest.id],
     )?;
     Ok(())
-}
-
-/// Deletes the rows of paths that are gone or no longer regular files.
-fn drop_vanished(root: &HostRoot, guest: &OpenGuest) -> Result<u64> {
-    let idx = &root.index;
-    let paths: Vec<Vec<u8>> = {
-        let mut stmt = idx
-            .conn
-            .prepare("SELECT path FROM files WHERE guest_id = ?1")
-            .map_err(|e| idx.err(e))?;
-        stmt.query_map([guest.id], |r| r.get(0))
-            .and_then(|rows| rows.collect())
-            .map_err(|e| idx.err(e))?
-    };
-    let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
-    let mut removed = 0;
-    for rel in paths {
-        let gone = match fsx::open_beneath(guest.base(), &rel, nix::fcntl::OFlag::O_PATH) {
-            Ok(fd) => !fsx::fstat(&fd).at(guest.host_path(&rel))?.is_file(),
-            Err(_) => true,
-        };
-        if gone {
-            idx.exec(
-                "DELETE FROM files WHERE guest_id = ?1 AND path = ?2",
-                params![guest.id, rel],
-            )?;
-            removed += 1;
-        }
-    }
-    tx.commit().map_err(|e| idx.err(e))?;
-    Ok(removed)
 }

@@ -270,7 +270,7 @@ pub(crate) fn copy_in(
         if hasher.finalize().as_bytes() != &spec.parts.chash {
             return Err(Error::Io {
                 path: tmp_shown.clone(),
-                source: std::io::Error::other("source changed while it was copied into the store"),
+                error: std::io::Error::other("source changed while it was copied into the store"),
             });
         }
         let p = spec.parts;

@@ -16,7 +16,7 @@ use crate::policy::Marker;
 use crate::progress::{Phase, Progress};
 use crate::report::{Failure, LinkedPath, UnifyReport};
 use crate::root::HostRoot;
-use crate::scan::scan_guest;
+use crate::scan::scan_guests;
 use crate::store::{self, Object, ObjectSpec};
 
 /// How `unify` behaves.
@@ -105,6 +105,17 @@ pub fn unify(
         return Ok(report);
     }
 
+    // The phases wait on the disk more than on the CPU: run them on more threads than cores
+    // so that reads, stats and renames overlap.
+    let threads = (4 * std::thread::available_parallelism().map_or(2, |n| n.get())).clamp(4, 32);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("cowherd-io-{i}"))
+        .build()
+        .map_err(|e| Error::Io {
+            path: root.path().to_path_buf(),
+            error: std::io::Error::other(e),
+        })?;
     let mut clock = std::time::Instant::now();
     let mut lap = |report: &mut UnifyReport, phase: &'static str| {
         let now = std::time::Instant::now();
@@ -112,9 +123,7 @@ pub fn unify(
         clock = now;
     };
     progress.start(Phase::Scan, None);
-    for guest in &guests {
-        scan_guest(root, guest, &mut report, progress)?;
-    }
+    scan_guests(root, &guests, &mut report, progress, &pool)?;
     progress.finish();
     lap(&mut report, "scan");
 
@@ -125,13 +134,13 @@ pub fn unify(
     let by_id: HashMap<i64, &OpenGuest> = guests.iter().map(|g| (g.id, g)).collect();
     build_candidates(root, &guests, &opts)?;
     lap(&mut report, "group");
-    hash_stage(root, &by_id, Stage::Partial, &mut report, progress)?;
-    hash_stage(root, &by_id, Stage::Full, &mut report, progress)?;
+    hash_stage(root, &by_id, Stage::Partial, &mut report, progress, &pool)?;
+    hash_stage(root, &by_id, Stage::Full, &mut report, progress, &pool)?;
     lap(&mut report, "hash");
     let copied_blocks = plan(root, &by_id, &opts, &mut report)?;
     lap(&mut report, "plan");
     if !opts.dry_run {
-        replace_all(root, &by_id, &opts, &mut report, progress)?;
+        replace_all(root, &by_id, &opts, &mut report, progress, &pool)?;
         lap(&mut report, "link");
         for e in store::restore_immutable(root)? {
             report.failures.push(Failure {
@@ -239,6 +248,7 @@ fn hash_stage(
     stage: Stage,
     report: &mut UnifyReport,
     progress: &dyn Progress,
+    pool: &rayon::ThreadPool,
 ) -> Result<()> {
     let idx = &root.index;
     let filter = match stage {
@@ -286,17 +296,18 @@ fn hash_stage(
         let jobs = read_jobs(&idx.conn, last).map_err(|e| idx.err(e))?;
         let Some((rowid, _)) = jobs.last() else { break };
         last = *rowid;
-        let results: Vec<(&Job, std::result::Result<Hashed, Error>)> = jobs
-            .par_iter()
-            .map(|(_, job)| {
-                let out = hash_job(guests[&job.guest_id], job, stage);
-                progress.advance(match stage {
-                    Stage::Partial => 2 * key::PARTIAL_BLOCK,
-                    Stage::Full => job.size,
-                });
-                (job, out)
-            })
-            .collect();
+        let results: Vec<(&Job, std::result::Result<Hashed, Error>)> = pool.install(|| {
+            jobs.par_iter()
+                .map(|(_, job)| {
+                    let out = hash_job(guests[&job.guest_id], job, stage);
+                    progress.advance(match stage {
+                        Stage::Partial => 2 * key::PARTIAL_BLOCK,
+                        Stage::Full => job.size,
+                    });
+                    (job, out)
+                })
+                .collect()
+        });
         let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
         for (job, result) in results {
             match result {
@@ -782,7 +793,7 @@ fn copy_member(
     if !fsx::fstat(&fd).at(&shown)?.unchanged_since(&m.stat) {
         return Err(Error::Io {
             path: shown,
-            source: std::io::Error::other("changed since it was hashed; not copied"),
+            error: std::io::Error::other("changed since it was hashed; not copied"),
         });
     }
     let file = std::fs::File::from(fd);
@@ -843,6 +854,7 @@ fn replace_all(
     opts: &UnifyOptions,
     report: &mut UnifyReport,
     progress: &dyn Progress,
+    pool: &rayon::ThreadPool,
 ) -> Result<()> {
     let idx = &root.index;
     // Sort the plan by directory so each directory is opened and journalled once per batch.
@@ -909,16 +921,18 @@ fn replace_all(
                 }
                 Err(e) => Err(Error::Io {
                     path: guests[&s.guest_id].host_path(parent),
-                    source: std::io::Error::other(e.clone()),
+                    error: std::io::Error::other(e.clone()),
                 }),
             }
         };
         let (single, multi): (Vec<&Step>, Vec<&Step>) =
             steps.iter().partition(|s| s.then.nlink <= 1);
-        let mut outcomes: Vec<(&Step, Result<Outcome>)> = single
-            .par_iter()
-            .map(|s| (*s, attempt(s, &mut HashMap::new())))
-            .collect();
+        let mut outcomes: Vec<(&Step, Result<Outcome>)> = pool.install(|| {
+            single
+                .par_iter()
+                .map(|s| (*s, attempt(s, &mut HashMap::new())))
+                .collect()
+        });
         outcomes.extend(multi.into_iter().map(|s| (s, attempt(s, &mut ctimes))));
         let mut done = Vec::new();
         for (s, outcome) in outcomes {
