@@ -1,6 +1,8 @@
 //! File bodies: how the bytes of a regular file are produced from its seeded stream.
 
-use std::io::{self, Write};
+use std::fs::File;
+use std::io::{self, Read as _, Write};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::seed::Rand;
@@ -62,6 +64,13 @@ pub(crate) enum Body {
     Text { style: TextStyle, size: u64 },
     /// Exactly these bytes.
     Literal(Arc<[u8]>),
+    /// The `size` bytes of a file on the host (a template tree's file). With `patch`, 8 bytes
+    /// in the middle are XORed with the content's stream: a rebuilt file of the same size.
+    Host {
+        path: Arc<Path>,
+        size: u64,
+        patch: bool,
+    },
 }
 
 impl Body {
@@ -84,7 +93,7 @@ impl Body {
     pub(crate) fn size(&self) -> u64 {
         match self {
             Self::Empty => 0,
-            Self::Binary { size, .. } | Self::Text { size, .. } => *size,
+            Self::Binary { size, .. } | Self::Text { size, .. } | Self::Host { size, .. } => *size,
             Self::Literal(bytes) => bytes.len() as u64,
         }
     }
@@ -180,6 +189,39 @@ pub(crate) fn write_content<W: Write>(
             buf.truncate(size);
             out.write_all(buf)?;
             Ok(size as u64)
+        }
+        Body::Host { path, size, patch } => {
+            let mut file = File::open(path)?;
+            let patch_at = if *patch { *size / 2 } else { u64::MAX };
+            let mut mask = [0u8; 8];
+            if *patch {
+                Rand::new(seed, &content.key, content.variant).fill(&mut mask);
+            }
+            let mut done = 0u64;
+            loop {
+                let n = file.read(&mut scratch.chunk)?;
+                if n == 0 {
+                    break;
+                }
+                let chunk = &mut scratch.chunk[..n];
+                // The part of [patch_at, patch_at + 8) that lies in this chunk.
+                let end = done + n as u64;
+                for at in patch_at.max(done)..(patch_at.saturating_add(8)).min(end) {
+                    chunk[(at - done) as usize] ^= mask[(at - patch_at) as usize];
+                }
+                out.write_all(chunk)?;
+                done += n as u64;
+            }
+            if done != *size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: {done} bytes, expected {size} (template changed?)",
+                        path.display()
+                    ),
+                ));
+            }
+            Ok(done)
         }
     }
 }
@@ -367,6 +409,34 @@ mod tests {
                 assert_eq!(&buf[..h.len().min(buf.len())], &h[..h.len().min(buf.len())]);
             }
         }
+    }
+
+    #[test]
+    fn host_bodies_copy_or_patch_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let bytes: Vec<u8> = (0..131_064u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let body = |patch| Body::Host {
+            path: Arc::from(path.as_path()),
+            size: bytes.len() as u64,
+            patch,
+        };
+        assert_eq!(render(&content(body(false)), 1), bytes);
+        let patched = render(&content(body(true)), 1);
+        assert_eq!(patched.len(), bytes.len());
+        let differ: Vec<usize> = (0..bytes.len())
+            .filter(|&i| patched[i] != bytes[i])
+            .collect();
+        assert!(!differ.is_empty() && differ.iter().all(|&i| (65_532..65_540).contains(&i)));
+        assert_eq!(patched, render(&content(body(true)), 1));
+        let short = Body::Host {
+            path: Arc::from(path.as_path()),
+            size: 5,
+            patch: false,
+        };
+        let mut out = Vec::new();
+        assert!(write_content(&content(short), 1, &mut Scratch::new(), &mut out).is_err());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 use std::io;
 use std::path::PathBuf;
 
-/// Why [`generate_synthetic`](crate::generate_synthetic) failed.
+/// Why [`generate_synthetic`](crate::generate_synthetic) or
+/// [`generate_real`](crate::generate_real) failed.
 ///
 /// Every variant carries the host path involved; the generator stops at the first error and
 /// leaves what it wrote so far in place.
@@ -55,8 +56,24 @@ pub enum GenError {
     Metadata {
         /// The path whose metadata was being set.
         path: PathBuf,
-        /// Which metadata: `"owner"`, `"mode"` or `"timestamps"`.
+        /// Which metadata: `"owner"`, `"mode"`, `"xattrs"` or `"timestamps"`.
         what: &'static str,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// An external command (`mmdebstrap`, `tar`) could not be run or failed.
+    #[error("{what}: {detail}")]
+    Command {
+        /// The command and what it was for.
+        what: String,
+        /// The exit status or the error starting it, and where its log is.
+        detail: String,
+    },
+    /// Reading or removing an unpacked template tree failed.
+    #[error("{}: cannot read template: {source}", path.display())]
+    ReadTemplate {
+        /// The path being read.
+        path: PathBuf,
         /// The underlying error.
         source: io::Error,
     },

@@ -55,8 +55,56 @@ pub(crate) fn groups(seed: u64, index: usize) -> Groups {
     }
 }
 
+/// What the divergence depends on besides the base tree: the same for synthetic and real
+/// (template-based) guest sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Diverge {
+    /// Seed of every per-guest choice.
+    pub(crate) seed: u64,
+    /// Regular files in the base tree: scales user data, rotated logs and `/opt/app`.
+    pub(crate) files_per_guest: usize,
+    /// Largest size of a generated file.
+    pub(crate) max_file_size: u64,
+}
+
+impl From<&SynthSpec> for Diverge {
+    fn from(spec: &SynthSpec) -> Self {
+        Self {
+            seed: spec.seed,
+            files_per_guest: spec.files_per_guest,
+            max_file_size: spec.max_file_size,
+        }
+    }
+}
+
+/// Which extended-attribute divergences a guest has. Drawn from a stream of their own, so
+/// they change none of the other choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct XattrGroups {
+    /// `setcap cap_net_raw+ep` was run on a few binaries (same bytes, owner, mode, mtime).
+    pub(crate) caps: bool,
+    /// An integrity tool labelled some `/usr` files with a `user.*` attribute.
+    pub(crate) labels: bool,
+}
+
+/// The extended-attribute divergences of guest `index` under `seed`: about a fifth of the
+/// guests carry capabilities, about a seventh carry labels.
+pub(crate) fn xattr_groups(seed: u64, index: usize) -> XattrGroups {
+    let mut rng = Rand::new(seed, "xattr-groups", 0);
+    let (c, l) = (rng.below(5) as usize, rng.below(7) as usize);
+    XattrGroups {
+        caps: (index + c).is_multiple_of(5),
+        labels: (index + l).is_multiple_of(7),
+    }
+}
+
+/// `security.capability` (VFS_CAP_REVISION_2, effective) granting `cap_net_raw`.
+pub(crate) const CAP_NET_RAW_EP: [u8; 20] = [
+    0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+
 struct Guest<'a> {
-    spec: &'a SynthSpec,
+    spec: &'a Diverge,
     rng: Rand,
     tree: Tree,
     variant: u64,
@@ -64,8 +112,8 @@ struct Guest<'a> {
     boot: i64,
 }
 
-/// Builds the tree of guest `index` (0-based) named `name`.
-pub(crate) fn guest_tree(base: &Base, spec: &SynthSpec, index: usize, name: &str) -> Tree {
+/// Builds the tree of guest `index` (0-based) named `name` from the shared `base`.
+pub(crate) fn guest_tree(base: &Base, spec: &Diverge, index: usize, name: &str) -> Tree {
     let mut rng = Rand::new(spec.seed, "guest", index as u64);
     let boot = base.epoch + 10 * 86_400 + rng.below(200 * 86_400) as i64;
     let mut g = Guest {
@@ -93,6 +141,13 @@ pub(crate) fn guest_tree(base: &Base, spec: &SynthSpec, index: usize, name: &str
     }
     if groups.touched {
         g.touch(&base.usr_pool);
+    }
+    let xattrs = xattr_groups(spec.seed, index);
+    if xattrs.caps {
+        g.caps(&base.usr_pool);
+    }
+    if xattrs.labels {
+        g.labels(&base.usr_pool);
     }
     for dir in ["/etc", "/etc/ssh", "/home/user", "/root", "/var/log"] {
         if let Some(Node::Dir(meta)) = g.tree.entries.get_mut(dir) {
@@ -361,6 +416,37 @@ impl Guest<'_> {
         }
         self.tree
             .symlink("/opt/app/current", "/opt/app", meta.mode(0o777));
+    }
+
+    /// Capabilities on up to two `/usr/bin` or `/usr/sbin` binaries, the same in every guest
+    /// that has them.
+    fn caps(&mut self, pool: &[String]) {
+        let bins: Vec<&String> = pool
+            .iter()
+            .filter(|p| p.starts_with("/usr/bin/") || p.starts_with("/usr/sbin/"))
+            .collect();
+        let mut rng = Rand::new(self.spec.seed, "caps", 0);
+        for _ in 0..2.min(bins.len()) {
+            let path = bins[rng.index(bins.len())];
+            if self.tree.file_mut(path).is_some() {
+                self.tree
+                    .set_xattr(path, "security.capability", &CAP_NET_RAW_EP);
+            }
+        }
+    }
+
+    /// A `user.integrity` label on one `/usr` file in fifty, the same in every guest that has
+    /// them.
+    fn labels(&mut self, pool: &[String]) {
+        let mut rng = Rand::new(self.spec.seed, "labels", 0);
+        let n = (pool.len() / 50).max(1).min(pool.len());
+        for _ in 0..n {
+            let path = &pool[rng.index(pool.len())];
+            if self.tree.file_mut(path).is_some() {
+                self.tree
+                    .set_xattr(path, "user.integrity", b"sealed:golden-image-7");
+            }
+        }
     }
 
     /// Some `/usr` files got a new mtime (a restore, a `touch`), with the same bytes.

@@ -8,6 +8,14 @@
 //! touched mtimes). Contents come from ChaCha streams keyed by the seed and each file's path
 //! and version, so the same [`SynthSpec`] always produces byte-identical trees.
 //!
+//! [`generate_real`] does the same from Debian trees built by `mmdebstrap` (roles `minbase`,
+//! `web`, `db`; several suites), cached as tarballs and diverged per guest by the same code.
+//! Both sources also give some guests extended attributes (`security.capability`, `user.*`)
+//! on files whose bytes, owner, mode and mtime are the same as in the other guests.
+//!
+//! [`harness`] holds the pure parts of the `cowherd-bench` benchmark binary (manifests, disk
+//! usage, the report, its targets and tables).
+//!
 //! ```no_run
 //! use cowherd_benchdata::{SynthSpec, generate_synthetic};
 //!
@@ -23,6 +31,8 @@ mod content;
 mod error;
 mod generate;
 mod guest;
+pub mod harness;
+mod real;
 mod seed;
 mod spec;
 mod tree;
@@ -30,4 +40,5 @@ mod write;
 
 pub use crate::error::GenError;
 pub use crate::generate::generate_synthetic;
+pub use crate::real::{RealSpec, Role, Template, generate_real, template_tarball};
 pub use crate::spec::{GenReport, SynthSpec};

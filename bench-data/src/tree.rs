@@ -71,6 +71,9 @@ pub(crate) enum Node {
     Hardlink(String),
 }
 
+/// Extended attributes of one inode: `(name, value)` pairs sorted by name.
+pub(crate) type Xattrs = Vec<(String, Arc<[u8]>)>;
+
 /// A guest tree. Paths are guest-absolute (`/usr/bin/ls`), `/` is the root directory.
 ///
 /// The map is ordered, so a directory always comes before everything below it.
@@ -79,6 +82,8 @@ pub(crate) struct Tree {
     pub(crate) entries: BTreeMap<String, Node>,
     /// Metadata of directories created implicitly as parents.
     pub(crate) dir_meta: Meta,
+    /// Extended attributes of regular files and directories, by path (absent: none).
+    pub(crate) xattrs: BTreeMap<String, Xattrs>,
 }
 
 impl Tree {
@@ -86,7 +91,11 @@ impl Tree {
     pub(crate) fn new(dir_meta: Meta) -> Self {
         let mut entries = BTreeMap::new();
         entries.insert("/".to_owned(), Node::Dir(dir_meta));
-        Self { entries, dir_meta }
+        Self {
+            entries,
+            dir_meta,
+            xattrs: BTreeMap::new(),
+        }
     }
 
     /// Creates the missing parents of `path` with the default directory metadata.
@@ -108,11 +117,26 @@ impl Tree {
         }
     }
 
-    /// Inserts (or replaces) `path`, creating its parents.
+    /// Inserts (or replaces) `path`, creating its parents. A replaced entry is a new inode:
+    /// the extended attributes of the old one are dropped.
     pub(crate) fn put(&mut self, path: &str, node: Node) {
         debug_assert!(path.starts_with('/') && !path.ends_with('/') && !path.contains("//"));
         self.parents(path);
+        self.xattrs.remove(path);
         self.entries.insert(path.to_owned(), node);
+    }
+
+    /// Sets extended attribute `name` of the regular file or directory at `path`.
+    pub(crate) fn set_xattr(&mut self, path: &str, name: &str, value: &[u8]) {
+        debug_assert!(matches!(
+            self.entries.get(path),
+            Some(Node::File(..) | Node::Dir(_))
+        ));
+        let list = self.xattrs.entry(path.to_owned()).or_default();
+        match list.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
+            Ok(i) => list[i].1 = Arc::from(value),
+            Err(i) => list.insert(i, (name.to_owned(), Arc::from(value))),
+        }
     }
 
     /// Inserts a directory with explicit metadata.
@@ -155,7 +179,6 @@ impl Tree {
     }
 
     /// Number of regular files (inodes, not names).
-    #[cfg(test)]
     pub(crate) fn regular_files(&self) -> usize {
         self.entries
             .values()
@@ -185,6 +208,19 @@ mod tests {
                 "/usr/lib/x",
                 "/usr/lib/x/a.py"
             ]
+        );
+        t.set_xattr("/usr-x", "user.b", b"2");
+        t.set_xattr("/usr-x", "user.a", b"1");
+        t.set_xattr("/usr-x", "user.b", b"3");
+        let names: Vec<(&str, &[u8])> = t.xattrs["/usr-x"]
+            .iter()
+            .map(|(n, v)| (n.as_str(), &v[..]))
+            .collect();
+        assert_eq!(names, [("user.a", &b"1"[..]), ("user.b", &b"3"[..])]);
+        t.file("/usr-x", m.mode(0o644), Body::Empty);
+        assert!(
+            !t.xattrs.contains_key("/usr-x"),
+            "a new inode has no xattrs"
         );
     }
 }

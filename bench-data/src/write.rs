@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime};
 use nix::fcntl::AT_FDCWD;
 use nix::sys::stat::{UtimensatFlags, utimensat};
 use nix::sys::time::TimeSpec;
+use xattr::FileExt as _;
 
 use crate::content::{Scratch, write_content};
 use crate::error::GenError;
-use crate::tree::{Meta, Node, Tree};
+use crate::tree::{Meta, Node, Tree, Xattrs};
 
 /// Regular files and bytes written.
 #[derive(Debug, Default, Clone, Copy)]
@@ -76,7 +77,8 @@ pub(crate) fn write_tree(tree: &Tree, root: &Path, seed: u64) -> Result<Written,
                 lchown(&at, Some(meta.uid), Some(meta.gid)).map_err(meta_err(&at, "owner"))?;
             }
             Node::File(meta, content) => {
-                written.bytes += write_file(&at, meta, |out| {
+                let xattrs = tree.xattrs.get(path);
+                written.bytes += write_file(&at, meta, xattrs, |out| {
                     write_content(content, seed, &mut scratch, out)
                 })?;
                 written.files += 1;
@@ -104,6 +106,9 @@ pub(crate) fn write_tree(tree: &Tree, root: &Path, seed: u64) -> Result<Written,
             let at = host(root, path);
             fs::set_permissions(&at, fs::Permissions::from_mode(meta.mode))
                 .map_err(meta_err(&at, "mode"))?;
+            for (name, value) in tree.xattrs.get(path).into_iter().flatten() {
+                xattr::set(&at, name, value).map_err(meta_err(&at, "xattrs"))?;
+            }
             set_times_at(&at, meta)?;
         }
     }
@@ -111,10 +116,11 @@ pub(crate) fn write_tree(tree: &Tree, root: &Path, seed: u64) -> Result<Written,
 }
 
 /// Creates `at` (which must not exist), fills it with `body` through a buffer, then sets
-/// owner, mode and times. Returns the number of bytes written.
+/// owner, mode, extended attributes and times. Returns the number of bytes written.
 fn write_file(
     at: &Path,
     meta: &Meta,
+    xattrs: Option<&Xattrs>,
     body: impl FnOnce(&mut BufWriter<File>) -> io::Result<u64>,
 ) -> Result<u64, GenError> {
     let write_err = |source| GenError::WriteFile {
@@ -135,6 +141,11 @@ fn write_file(
     fchown(&file, Some(meta.uid), Some(meta.gid)).map_err(meta_err(at, "owner"))?;
     file.set_permissions(fs::Permissions::from_mode(meta.mode))
         .map_err(meta_err(at, "mode"))?;
+    // After chown, which clears `security.capability`.
+    for (name, value) in xattrs.into_iter().flatten() {
+        file.set_xattr(name, value)
+            .map_err(meta_err(at, "xattrs"))?;
+    }
     let t = system_time(meta);
     file.set_times(FileTimes::new().set_accessed(t).set_modified(t))
         .map_err(meta_err(at, "timestamps"))?;

@@ -435,3 +435,75 @@ fn demo_spec_generates_quickly_with_shared_divergence() {
         upgraded.len()
     );
 }
+
+/// Every `(path, name, value)` extended attribute of the regular files of a guest.
+fn xattrs(root: &Path) -> BTreeSet<(String, String, Vec<u8>)> {
+    let mut out = BTreeSet::new();
+    for entry in WalkDir::new(root).follow_links(false) {
+        let entry = entry.unwrap();
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        for name in xattr::list(entry.path()).unwrap() {
+            let value = xattr::get(entry.path(), &name).unwrap().unwrap();
+            let rel = entry.path().strip_prefix(root).unwrap();
+            out.insert((
+                format!("/{}", rel.display()),
+                name.to_string_lossy().into_owned(),
+                value,
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn some_guests_differ_only_in_extended_attributes() {
+    let out = tempfile::tempdir().unwrap();
+    let spec = SynthSpec {
+        guests: 12,
+        ..SynthSpec::demo()
+    };
+    let report = generate_synthetic(&spec, out.path()).unwrap();
+    let per_guest: Vec<_> = report.guests.iter().map(|g| xattrs(g)).collect();
+    let with = |name: &str| {
+        per_guest
+            .iter()
+            .filter(|x| x.iter().any(|(_, n, _)| n == name))
+            .count()
+    };
+    // About a fifth carry capabilities, about a seventh labels; never all of them.
+    let (caps, labels) = (with("security.capability"), with("user.integrity"));
+    assert!((2..=3).contains(&caps), "{caps} guests with capabilities");
+    assert!((1..=2).contains(&labels), "{labels} guests with labels");
+    // The same paths and values wherever they appear, on /usr files whose bytes, owner, mode
+    // and mtime are those of the guests without them.
+    let capped: Vec<_> = per_guest
+        .iter()
+        .filter(|x| x.iter().any(|(_, n, _)| n == "security.capability"))
+        .map(|x| {
+            x.iter()
+                .filter(|(_, n, _)| n == "security.capability")
+                .cloned()
+                .collect::<BTreeSet<_>>()
+        })
+        .collect();
+    assert!(capped.windows(2).all(|w| w[0] == w[1]));
+    let (path, _, _) = capped[0].iter().next().unwrap().clone();
+    assert!(path.starts_with("/usr/bin/") || path.starts_with("/usr/sbin/"));
+    let plain = report
+        .guests
+        .iter()
+        .zip(&per_guest)
+        .find(|(_, x)| x.is_empty())
+        .map(|(g, _)| walk(g))
+        .unwrap();
+    let capped_guest = report
+        .guests
+        .iter()
+        .zip(&per_guest)
+        .find(|(_, x)| x.iter().any(|(_, n, _)| n == "security.capability"))
+        .map(|(g, _)| walk(g))
+        .unwrap();
+    assert_eq!(plain[&path].key(), capped_guest[&path].key());
+}
