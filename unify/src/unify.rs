@@ -525,24 +525,30 @@ fn plan(
     Ok(planner.copied_blocks)
 }
 
+/// The stat columns `ino, nlink, size, blocks, mode, uid, gid, mtime_ns, ctime_ns` of a row,
+/// starting at column `first`.
+fn row_stat(r: &rusqlite::Row<'_>, first: usize, dev: u64) -> rusqlite::Result<Stat> {
+    Ok(Stat {
+        dev,
+        ino: r.get::<_, i64>(first)? as u64,
+        nlink: r.get::<_, i64>(first + 1)? as u64,
+        size: r.get::<_, i64>(first + 2)? as u64,
+        blocks: r.get::<_, i64>(first + 3)? as u64,
+        mode: r.get(first + 4)?,
+        uid: r.get(first + 5)?,
+        gid: r.get(first + 6)?,
+        mtime_ns: r.get(first + 7)?,
+        ctime_ns: r.get(first + 8)?,
+    })
+}
+
 /// One `cand` row as a group member with its key parts, or `None` if its hashes are malformed.
 fn read_member(
     r: &rusqlite::Row<'_>,
     dev: u64,
     ignore_mtime: bool,
 ) -> rusqlite::Result<Option<(KeyParts, Marker, Member)>> {
-    let stat = Stat {
-        dev,
-        ino: r.get::<_, i64>(2)? as u64,
-        nlink: r.get::<_, i64>(3)? as u64,
-        size: r.get::<_, i64>(4)? as u64,
-        blocks: r.get::<_, i64>(5)? as u64,
-        mode: r.get(6)?,
-        uid: r.get(7)?,
-        gid: r.get(8)?,
-        mtime_ns: r.get(9)?,
-        ctime_ns: r.get(10)?,
-    };
+    let stat = row_stat(r, 2, dev)?;
     let marker = Marker::from_code(r.get(11)?).unwrap_or(Marker::Private);
     let chash: Vec<u8> = r.get(12)?;
     let xhash: Vec<u8> = r.get(13)?;
@@ -814,7 +820,7 @@ struct Step {
 
 fn read_steps(conn: &Connection, after: i64, dev: u64) -> rusqlite::Result<Vec<Step>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, guest_id, path, object_id, object_name, object_ino, ino, nlink, blocks, size,
+        "SELECT id, guest_id, path, object_id, object_name, object_ino, ino, nlink, size, blocks,
                 mode, uid, gid, mtime_ns, ctime_ns
          FROM plan WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
@@ -826,18 +832,7 @@ fn read_steps(conn: &Connection, after: i64, dev: u64) -> rusqlite::Result<Vec<S
             object_id: r.get(3)?,
             object_name: r.get(4)?,
             object_ino: r.get::<_, i64>(5)? as u64,
-            then: Stat {
-                dev,
-                ino: r.get::<_, i64>(6)? as u64,
-                nlink: r.get::<_, i64>(7)? as u64,
-                blocks: r.get::<_, i64>(8)? as u64,
-                size: r.get::<_, i64>(9)? as u64,
-                mode: r.get(10)?,
-                uid: r.get(11)?,
-                gid: r.get(12)?,
-                mtime_ns: r.get(13)?,
-                ctime_ns: r.get(14)?,
-            },
+            then: row_stat(r, 6, dev)?,
         })
     })?
     .collect()

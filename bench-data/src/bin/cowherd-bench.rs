@@ -628,20 +628,7 @@ fn bench_tool(
     let (argv, display) = command(programs, tool, &copy);
     let logs = work.join("logs");
     fs::create_dir_all(&logs)?;
-    let mut result = ToolResult {
-        tool: tool.name().to_owned(),
-        command: display,
-        first: None,
-        second: None,
-        bytes_after_first: 0,
-        bytes_after: 0,
-        sharing: Default::default(),
-        diff: Default::default(),
-        reported_linked: None,
-        index_bytes: None,
-        store_dir_bytes: None,
-        error: None,
-    };
+    let mut result = ToolResult::new(tool.name(), display);
     for pass in 1..=2 {
         say(format!("{}: run {pass}", tool.name()));
         let out = logs.join(format!("run{pass}.out"));
@@ -929,18 +916,8 @@ fn run_bench(
             Err(e) => {
                 say(format!("{}: {e:#}", tool.name()));
                 report.tools.push(ToolResult {
-                    tool: tool.name().to_owned(),
-                    command: String::new(),
-                    first: None,
-                    second: None,
-                    bytes_after_first: 0,
-                    bytes_after: 0,
-                    sharing: Default::default(),
-                    diff: Default::default(),
-                    reported_linked: None,
-                    index_bytes: None,
-                    store_dir_bytes: None,
                     error: Some(format!("{e:#}")),
+                    ..ToolResult::new(tool.name(), String::new())
                 });
             }
         }

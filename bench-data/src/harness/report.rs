@@ -62,6 +62,26 @@ pub struct ToolResult {
     pub error: Option<String>,
 }
 
+impl ToolResult {
+    /// A result with nothing measured yet.
+    pub fn new(tool: &str, command: String) -> ToolResult {
+        ToolResult {
+            tool: tool.to_owned(),
+            command,
+            first: None,
+            second: None,
+            bytes_after_first: 0,
+            bytes_after: 0,
+            sharing: Sharing::default(),
+            diff: Diff::default(),
+            reported_linked: None,
+            index_bytes: None,
+            store_dir_bytes: None,
+            error: None,
+        }
+    }
+}
+
 /// The guest set measured.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SetInfo {
