@@ -17,8 +17,9 @@ use crate::store::{self, TEMP_PREFIX};
 ///
 /// # Algorithm
 /// * `guests/.NAME.adopting` with a `base` is renamed to `guests/NAME`, without one removed.
-/// * Each journalled directory is listed; every `.cowherd~<object>~…` entry whose inode is
-///   that object's is unlinked (it is a second name of a store object, never guest data);
+/// * Each journalled directory is listed; every `.cowherd~…` entry whose inode is a store
+///   object's (per the index, confirmed on the object itself) is unlinked — it is a second name
+///   of a store object, never guest data. Object rows are committed before any replacement;
 ///   then the directory's mtime is set back to the journalled one.
 /// * Objects whose immutable flag was cleared for linking get it back.
 /// * `store/tmp` is emptied (unfinished copies, never linked anywhere).
@@ -65,6 +66,19 @@ pub(crate) fn recover(root: &HostRoot) -> Result<()> {
     Ok(())
 }
 
+/// The name of the store object recorded with `st`'s inode, if any.
+fn object_with_inode(root: &HostRoot, st: &fsx::Stat) -> Result<Option<String>> {
+    root.index
+        .conn
+        .query_row(
+            "SELECT name FROM objects WHERE ino = ?1",
+            [st.ino as i64],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| root.index.err(e))
+}
+
 /// Removes our temporary links from one guest directory and restores its mtime.
 fn clean_dir(root: &HostRoot, guest: &str, dir: &[u8], mtime: i64) -> Result<()> {
     let mut rel = format!("{guest}/base").into_bytes();
@@ -84,14 +98,15 @@ fn clean_dir(root: &HostRoot, guest: &str, dir: &[u8], mtime: i64) -> Result<()>
         if !name.starts_with(TEMP_PREFIX) {
             continue;
         }
-        let Some(object) = store::temp_target(name) else {
+        let Ok(ours) = fsx::lstat_at(fd.as_fd(), name) else {
             continue;
         };
-        let object_rel = store::object_rel(object);
-        let (Ok(ours), Ok(obj)) = (
-            fsx::lstat_at(fd.as_fd(), name),
-            fsx::lstat_at(root.objects_fd(), object_rel.as_bytes()),
-        ) else {
+        // Ours only if the index names a store object with this very inode.
+        let Some(object) = object_with_inode(root, &ours)? else {
+            continue;
+        };
+        let object = object.as_str();
+        let Ok(obj) = fsx::lstat_at(root.objects_fd(), store::object_rel(object).as_bytes()) else {
             continue;
         };
         if ours.ino == obj.ino && ours.dev == obj.dev {

@@ -1014,7 +1014,7 @@ fn replace_one(
     if !check(&now) {
         return Ok(Outcome::Changed);
     }
-    let tmp = store::temp_name(&s.object_name, s.id as u64);
+    let tmp = store::temp_name(s.id as u64);
     let object_rel = store::object_rel(&s.object_name);
     nix::unistd::linkat(
         objects.fd,
