@@ -446,3 +446,13 @@ fn a_scale_only_report_has_no_tool_table() {
     assert!(!md.contains("| tool |"));
     assert!(md.contains("| 10 | 100,000 | 10.00 s | 51.2 MB | 500 ms | 20.5 MB |"));
 }
+
+#[test]
+fn a_grown_directory_is_a_directory_change_not_content() {
+    let master = manifest(&[("g1", dir_entry(1, 5))]);
+    let mut grown = dir_entry(1, 5);
+    grown.size += 4096;
+    let diff = manifest::compare(&master, &manifest(&[("g1", grown)]));
+    assert_eq!((diff.content_changed, diff.dir_size_changed), (0, 1));
+    assert!(diff.content_identical());
+}

@@ -223,6 +223,9 @@ pub struct Diff {
     pub meta_changed: u64,
     /// Directories whose mtime alone changed (tools that do not restore it after linking).
     pub dir_mtime_changed: u64,
+    /// Directories whose size changed: the filesystem gave them another block (a temporary
+    /// name that did not fit); not content, but a guest can see it in `ls -ld`.
+    pub dir_size_changed: u64,
     /// A few of the differing paths, with what differs: content first.
     pub examples: Vec<String>,
     /// How many of `examples` are about metadata (they are the last ones).
@@ -282,7 +285,10 @@ pub fn compare(master: &Manifest, after: &Manifest) -> Diff {
             diff.example(path, "type changed", false);
             continue;
         }
-        if a.hash != m.hash || a.target != m.target || a.size != m.size {
+        if m.kind == Kind::Dir && a.size != m.size {
+            diff.dir_size_changed += 1;
+            diff.example(path, "directory size changed", true);
+        } else if a.hash != m.hash || a.target != m.target || a.size != m.size {
             diff.content_changed += 1;
             diff.example(path, "content changed", false);
         }

@@ -649,7 +649,7 @@ fn tools_table(s: &mut String, r: &Report) {
     let _ = writeln!(*s);
     let _ = writeln!(
         *s,
-        "| tool | 1st run | peak RSS | 2nd run | peak RSS | on disk after | saved | paths linked | wrong links | guests after | metadata changed | dir mtimes changed | cowherd ÷ tool, 1st run | cowherd ÷ tool, 2nd run |"
+        "| tool | 1st run | peak RSS | 2nd run | peak RSS | on disk after | saved | paths linked | wrong links | guests after | metadata changed | dir mtimes / sizes changed | cowherd ÷ tool, 1st run | cowherd ÷ tool, 2nd run |"
     );
     let _ = writeln!(
         *s,
@@ -669,7 +669,7 @@ fn tools_table(s: &mut String, r: &Report) {
         let saved = r.saved(t);
         let _ = writeln!(
             *s,
-            "| {} | {f} | {frss} | {sec} | {srss} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {f} | {frss} | {sec} | {srss} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
             tool_label(&t.tool),
             bytes(t.bytes_after),
             if saved < 0 {
@@ -686,6 +686,9 @@ fn tools_table(s: &mut String, r: &Report) {
             check_cell(&t.diff),
             thousands(t.diff.meta_changed),
             thousands(t.diff.dir_mtime_changed),
+            thousands(t.diff.dir_size_changed),
+                thousands(t.diff.dir_size_changed)
+            ),
             vs(t.first, cow.and_then(|c| c.first)),
             vs(t.second, cow.and_then(|c| c.second)),
         );
