@@ -687,8 +687,6 @@ fn tools_table(s: &mut String, r: &Report) {
             thousands(t.diff.meta_changed),
             thousands(t.diff.dir_mtime_changed),
             thousands(t.diff.dir_size_changed),
-                thousands(t.diff.dir_size_changed)
-            ),
             vs(t.first, cow.and_then(|c| c.first)),
             vs(t.second, cow.and_then(|c| c.second)),
         );
