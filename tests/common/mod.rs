@@ -943,31 +943,27 @@ fn fail_with(what: &str, problems: &[String]) -> ! {
 /// Everything a guest sees is unchanged (content, type, mode, owner, mtime — also of
 /// directories —, size, rdev, symlink target, every xattr), except inode identity.
 pub fn assert_same_content_and_metadata(before: &Manifest, after: &Manifest) {
-    let (p, _) = compare_manifests(
-        before,
-        after,
-        CompareOpts {
-            dir_mtimes: true,
-            allow_extra: false,
-        },
-    );
-    if !p.is_empty() {
-        fail_with("tree changed", &p);
-    }
+    assert_unchanged(before, after, true, "tree changed");
 }
 
 /// Like [`assert_same_content_and_metadata`] but directory mtimes are not compared.
 pub fn assert_same_files(before: &Manifest, after: &Manifest) {
-    let (p, _) = compare_manifests(
+    assert_unchanged(
         before,
         after,
-        CompareOpts {
-            dir_mtimes: false,
-            allow_extra: false,
-        },
+        false,
+        "tree changed (directory mtimes not compared)",
     );
-    if !p.is_empty() {
-        fail_with("tree changed (directory mtimes not compared)", &p);
+}
+
+fn assert_unchanged(before: &Manifest, after: &Manifest, dir_mtimes: bool, what: &str) {
+    let opts = CompareOpts {
+        dir_mtimes,
+        allow_extra: false,
+    };
+    let (problems, _) = compare_manifests(before, after, opts);
+    if !problems.is_empty() {
+        fail_with(what, &problems);
     }
 }
 
