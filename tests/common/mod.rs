@@ -268,13 +268,7 @@ impl TreeBuilder {
 
     /// Named pipe, mode 0644.
     pub fn fifo(&mut self, rel: impl AsRef<[u8]>) -> &mut Self {
-        let p = self.path(rel);
-        self.parent(&p);
-        nix::unistd::mkfifo(&p, Mode::from_bits_truncate(0o644))
-            .unwrap_or_else(|e| panic!("mkfifo {}: {e}", p.display()));
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
-        set_mtime(&p, DEFAULT_MTIME);
-        self
+        self.node(rel, SFlag::S_IFIFO, 0o644, 0)
     }
 
     /// Character or block device node, mode 0660.
@@ -285,20 +279,20 @@ impl TreeBuilder {
         major: u64,
         minor: u64,
     ) -> &mut Self {
-        let p = self.path(rel);
-        self.parent(&p);
         let flag = match kind {
             Dev::Char => SFlag::S_IFCHR,
             Dev::Block => SFlag::S_IFBLK,
         };
-        nix::sys::stat::mknod(
-            &p,
-            flag,
-            Mode::from_bits_truncate(0o660),
-            nix::sys::stat::makedev(major, minor),
-        )
-        .unwrap_or_else(|e| panic!("mknod {}: {e}", p.display()));
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o660)).unwrap();
+        self.node(rel, flag, 0o660, nix::sys::stat::makedev(major, minor))
+    }
+
+    /// A special file (fifo or device) with `mode` (umask ignored) and the default mtime.
+    fn node(&mut self, rel: impl AsRef<[u8]>, kind: SFlag, mode: u32, dev: u64) -> &mut Self {
+        let p = self.path(rel);
+        self.parent(&p);
+        nix::sys::stat::mknod(&p, kind, Mode::from_bits_truncate(mode), dev)
+            .unwrap_or_else(|e| panic!("mknod {}: {e}", p.display()));
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
         set_mtime(&p, DEFAULT_MTIME);
         self
     }
