@@ -9,7 +9,7 @@
 //! and version, so the same [`SynthSpec`] always produces byte-identical trees.
 //!
 //! [`generate_real`] does the same from Debian trees built by `mmdebstrap` (roles `minbase`,
-//! `web`, `db`; several suites), cached as tarballs and diverged per guest by the same code.
+//! `web`, `db`, `dev`; several suites), cached as tarballs and diverged per guest by the same code.
 //! Both sources also give some guests extended attributes (`security.capability`, `user.*`)
 //! on files whose bytes, owner, mode and mtime are the same as in the other guests.
 //!

@@ -30,23 +30,26 @@ const DAY: i64 = 86_400;
 pub enum Role {
     /// The `minbase` variant alone (essential packages and apt).
     Minbase,
-    /// A web server: `minbase` plus `nginx`.
+    /// A web server: `minbase` plus `nginx`, `php-fpm`, `openssh-server` and `curl`.
     Web,
-    /// A database server: `minbase` plus `postgresql`.
+    /// A database server: `minbase` plus `postgresql` and `openssh-server`.
     Db,
+    /// A build host: `minbase` plus a compiler toolchain, git and Python.
+    Dev,
 }
 
 impl Role {
     /// Every role, in order.
-    pub const ALL: [Role; 3] = [Role::Minbase, Role::Web, Role::Db];
+    pub const ALL: [Role; 4] = [Role::Minbase, Role::Web, Role::Db, Role::Dev];
 
-    /// The role's name as used in template names: `minbase`, `web`, `db`.
+    /// The role's name as used in template names: `minbase`, `web`, `db`, `dev`.
     #[must_use]
     pub fn name(self) -> &'static str {
         match self {
             Role::Minbase => "minbase",
             Role::Web => "web",
             Role::Db => "db",
+            Role::Dev => "dev",
         }
     }
 
@@ -55,8 +58,9 @@ impl Role {
     pub fn packages(self) -> &'static [&'static str] {
         match self {
             Role::Minbase => &[],
-            Role::Web => &["nginx"],
-            Role::Db => &["postgresql"],
+            Role::Web => &["nginx", "php-fpm", "openssh-server", "curl"],
+            Role::Db => &["postgresql", "openssh-server"],
+            Role::Dev => &["build-essential", "git", "python3", "openssh-server"],
         }
     }
 }
@@ -68,7 +72,7 @@ impl std::str::FromStr for Role {
         Role::ALL
             .into_iter()
             .find(|r| r.name() == s)
-            .ok_or_else(|| format!("unknown role {s:?} (minbase, web, db)"))
+            .ok_or_else(|| format!("unknown role {s:?} (minbase, web, db, dev)"))
     }
 }
 
@@ -106,7 +110,7 @@ pub struct RealSpec {
 }
 
 impl RealSpec {
-    /// The benchmark spec: bookworm and trixie, each as minbase, web and db.
+    /// The benchmark spec: bookworm and trixie, each as minbase, web, db and dev.
     #[must_use]
     pub fn bench(guests: usize, cache: PathBuf) -> Self {
         let templates = ["bookworm", "trixie"]

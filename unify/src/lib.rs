@@ -11,6 +11,7 @@ mod maintain;
 mod policy;
 mod progress;
 mod recover;
+mod release;
 mod report;
 mod root;
 mod scan;

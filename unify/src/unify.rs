@@ -14,6 +14,7 @@ use crate::guest::{OpenGuest, guest_names, open_guest};
 use crate::key::{self, Hash32, KeyParts, PARTIAL_MIN_SIZE};
 use crate::policy::Marker;
 use crate::progress::{Phase, Progress};
+use crate::release::Releaser;
 use crate::report::{Failure, LinkedPath, UnifyReport};
 use crate::root::HostRoot;
 use crate::scan::scan_guests;
@@ -49,6 +50,10 @@ impl Default for UnifyOptions {
 
 /// Paths replaced per journal batch.
 const CHUNK: i64 = 1024;
+/// Closer threads freeing replaced inodes. Freeing waits on the device when the filesystem
+/// discards freed blocks; on the 2-core benchmark host 2 closers took 11.0 s for the link phase
+/// of 87k paths, 8 took 8.5 s and 32 took 8.1 s.
+const CLOSERS: usize = 16;
 /// Hash jobs per parallel batch.
 const HASH_BATCH: i64 = 256;
 
@@ -69,6 +74,8 @@ const HASH_BATCH: i64 = 256;
 /// 6. **Replace**, a directory batch at a time: journal the directories' mtimes, then for each
 ///    path `linkat(object, tmp)`, re-`lstat` the path (inode, size, mtime, ctime, mode, owner as
 ///    hashed), `renameat(tmp, path)`; restore the directory mtimes; drop the journal rows.
+///    The replaced inode is held open across the rename and closed on closer threads, so
+///    freeing it (slow on a filesystem mounted with `discard`) overlaps the next renames.
 ///
 /// # Errors
 /// Fatal errors (index, store, a guest that cannot be opened when it is the only one) are
@@ -869,6 +876,8 @@ fn replace_all(
         return Ok(());
     }
     progress.start(Phase::Link, Some(total as u64));
+    // Dropped at the end of this function, after the last close of a replaced inode.
+    let releaser = Releaser::new(CLOSERS);
     let mut ctimes: HashMap<u64, i64> = HashMap::new();
     let mut last = 0i64;
     loop {
@@ -911,9 +920,15 @@ fn replace_all(
         let attempt = |s: &Step, ctimes: &mut HashMap<u64, i64>| {
             let (parent, name) = fsx::split_parent(&s.path);
             match &dirs[&(s.guest_id, parent.to_vec())] {
-                Ok((fd, _)) => {
-                    replace_one(&objects, guests[&s.guest_id], fd.as_fd(), name, s, ctimes)
-                }
+                Ok((fd, _)) => replace_one(
+                    &objects,
+                    guests[&s.guest_id],
+                    fd.as_fd(),
+                    name,
+                    s,
+                    ctimes,
+                    &releaser,
+                ),
                 Err(e) => Err(Error::Io {
                     path: guests[&s.guest_id].host_path(parent),
                     error: std::io::Error::other(e.clone()),
@@ -989,7 +1004,7 @@ struct ObjectsDir<'a> {
 }
 
 /// Replaces `dir`/`name` by a link to the step's object: link to a temporary name, re-check,
-/// rename over. The name never disappears.
+/// rename over. The name never disappears. The replaced inode goes to `releaser`.
 fn replace_one(
     objects: &ObjectsDir<'_>,
     guest: &OpenGuest,
@@ -997,6 +1012,7 @@ fn replace_one(
     name: &[u8],
     s: &Step,
     ctimes: &mut HashMap<u64, i64>,
+    releaser: &Releaser,
 ) -> Result<Outcome> {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
@@ -1031,12 +1047,10 @@ fn replace_one(
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
     };
+    // Hold the replaced inode, so that freeing it happens on a closer thread, not in
+    // `renameat`; with several links, its ctime after the rename is the next path's check.
+    let keep = fsx::open_beneath(dir, name, OFlag::O_PATH).ok();
     // Re-check right before the rename: nothing may have changed since hashing.
-    let keep = if now.nlink > 1 {
-        fsx::open_beneath(dir, name, OFlag::O_PATH).ok()
-    } else {
-        None
-    };
     match fsx::lstat_at(dir, name) {
         Ok(st) if check(&st) => {}
         Ok(_) | Err(Errno::ENOENT) => {
@@ -1053,10 +1067,13 @@ fn replace_one(
         unlink_tmp();
         return Err(e).at(shown());
     }
-    if let Some(fd) = keep
-        && let Ok(st) = fsx::fstat(&fd)
-    {
-        ctimes.insert(s.then.ino, st.ctime_ns);
+    if let Some(fd) = keep {
+        if now.nlink > 1
+            && let Ok(st) = fsx::fstat(&fd)
+        {
+            ctimes.insert(s.then.ino, st.ctime_ns);
+        }
+        releaser.release(fd);
     }
     Ok(Outcome::Linked)
 }

@@ -147,8 +147,8 @@ struct Args {
     /// Debian suites of the real templates.
     #[arg(long, value_delimiter = ',', default_value = "bookworm,trixie")]
     suites: Vec<String>,
-    /// Roles of the real templates (minbase, web, db).
-    #[arg(long, value_delimiter = ',', default_value = "minbase,web,db")]
+    /// Roles of the real templates (minbase, web, db, dev).
+    #[arg(long, value_delimiter = ',', default_value = "minbase,web,db,dev")]
     roles: Vec<Role>,
     /// Skip the read-every-candidate-byte bound.
     #[arg(long)]
