@@ -543,3 +543,55 @@ fn fixture_and_manifest_notice_every_kind_of_change() {
     let split = std::panic::catch_unwind(|| assert_groups_kept(&before, &after));
     assert!(split.is_err(), "a split hardlink group went unnoticed");
 }
+
+/// One wide directory (2,600 files) and, sorting into the middle of it, a subdirectory of
+/// 1,100 files: linking crosses several batches of 1,024 paths, and the wide directory is
+/// touched by a batch, skipped by the next, touched again.
+fn wide_guest(dir: &Path) {
+    let mut t = TreeBuilder::new(dir);
+    for k in 0..2600 {
+        t.file(
+            format!("usr/lib/wide/f{k:04}"),
+            &content(&format!("wide-{k}"), 100),
+        );
+    }
+    // "f1000x/…" sorts between "f1000" and "f1001".
+    for k in 0..1100 {
+        t.file(
+            format!("usr/lib/wide/f1000x/g{k:04}"),
+            &content(&format!("sub-{k}"), 100),
+        );
+    }
+    t.finish();
+}
+
+#[test]
+fn directories_linked_across_several_batches_keep_their_mtimes() {
+    assert_root();
+    let s = Scratch::new("wide-dirs");
+    let root = init_root(s.path());
+    for g in ["g1", "g2"] {
+        adopt_built(&root, s.path(), g, wide_guest);
+    }
+    let before: Vec<Manifest> = ["g1", "g2"]
+        .iter()
+        .map(|g| manifest(&base(&root, g)))
+        .collect();
+
+    cowherd(&root).args(["unify", "--all"]).assert().success();
+
+    for (g, before) in ["g1", "g2"].iter().zip(&before) {
+        assert_same_content_and_metadata(before, &manifest(&base(&root, g)));
+    }
+    for rel in [
+        "usr/lib/wide/f0000",
+        "usr/lib/wide/f2599",
+        "usr/lib/wide/f1000x/g0500",
+    ] {
+        assert_eq!(
+            ino(&base(&root, "g1").join(rel)),
+            ino(&base(&root, "g2").join(rel)),
+            "{rel} is not shared"
+        );
+    }
+}

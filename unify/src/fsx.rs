@@ -237,3 +237,234 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().at(&tmp)?;
     std::fs::rename(&tmp, path).at(path)
 }
+
+/// What [`walk_tree`] meets.
+pub(crate) enum Visit<'a> {
+    /// A regular file: its path relative to the walk's base, and its `lstat`.
+    File(&'a [u8], Stat),
+    /// An entry that could not be read; `dir` when it is a directory whose subtree is unknown.
+    Error {
+        rel: &'a [u8],
+        dir: bool,
+        error: nix::errno::Errno,
+    },
+}
+
+/// Walks the tree below `base`, depth first, calling `visit` for every regular file; stops
+/// early when `visit` breaks.
+///
+/// # Algorithm
+/// Every step is relative to the directory's own fd: a directory is listed once
+/// (`getdents`), each regular file gets one `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)` (a
+/// one-component lookup), and a subdirectory is entered with `openat2(dir, name,
+/// RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)`. So no symlink is followed, not
+/// even one swapped in for a directory during the walk, and no mount point is crossed (mounted
+/// directories are skipped silently, like files of another device). An entry that vanishes
+/// during the walk is skipped. Open fds: one per directory level.
+///
+/// # Errors
+/// None returned: a directory or file that cannot be read is passed to `visit` as
+/// [`Visit::Error`] and the walk goes on.
+pub(crate) fn walk_tree(
+    base: BorrowedFd<'_>,
+    visit: &mut dyn FnMut(Visit<'_>) -> std::ops::ControlFlow<()>,
+) -> std::ops::ControlFlow<()> {
+    use std::ops::ControlFlow;
+    // A fresh open file description: listing must not move the offset of `base`.
+    let dir = match open_beneath(base, b"", OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+        Ok(fd) => fd,
+        Err(error) => {
+            return visit(Visit::Error {
+                rel: b"",
+                dir: true,
+                error,
+            });
+        }
+    };
+    let dev = match fstat(&dir) {
+        Ok(st) => st.dev,
+        Err(error) => {
+            return visit(Visit::Error {
+                rel: b"",
+                dir: true,
+                error,
+            });
+        }
+    };
+    let mut rel = Vec::with_capacity(256);
+    walk_dir(dir, dev, &mut rel, visit)?;
+    ControlFlow::Continue(())
+}
+
+/// Lists one directory of [`walk_tree`], visits its files and descends into its directories.
+fn walk_dir(
+    dir: OwnedFd,
+    dev: u64,
+    rel: &mut Vec<u8>,
+    visit: &mut dyn FnMut(Visit<'_>) -> std::ops::ControlFlow<()>,
+) -> std::ops::ControlFlow<()> {
+    use nix::dir::{Dir, Type};
+    use nix::errno::Errno;
+    let unreadable = |rel: &[u8], error, visit: &mut dyn FnMut(Visit<'_>) -> _| {
+        visit(Visit::Error {
+            rel,
+            dir: true,
+            error,
+        })
+    };
+    let mut dir = match Dir::from_fd(dir) {
+        Ok(d) => d,
+        Err(error) => return unreadable(rel, error, visit),
+    };
+    let mut entries: Vec<(Vec<u8>, Option<Type>)> = Vec::new();
+    for entry in dir.iter() {
+        match entry {
+            Ok(e) => {
+                let name = e.file_name().to_bytes();
+                if name != b"." && name != b".." {
+                    entries.push((name.to_vec(), e.file_type()));
+                }
+            }
+            Err(error) => return unreadable(rel, error, visit),
+        }
+    }
+    let fd = dir.as_fd();
+    let parent_len = rel.len();
+    for (name, kind) in entries {
+        rel.truncate(parent_len);
+        if parent_len > 0 {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(&name);
+        let is_dir = match kind {
+            Some(Type::Directory) => true,
+            Some(Type::File) | None => match lstat_at(fd, &name) {
+                Ok(st) if st.is_file() => {
+                    if st.dev == dev {
+                        visit(Visit::File(rel, st))?;
+                    }
+                    false
+                }
+                Ok(st) => st.is_dir(),
+                Err(Errno::ENOENT) => false,
+                Err(error) => {
+                    visit(Visit::Error {
+                        rel,
+                        dir: false,
+                        error,
+                    })?;
+                    false
+                }
+            },
+            Some(_) => false,
+        };
+        if is_dir {
+            match open_beneath(fd, &name, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+                Ok(child) => walk_dir(child, dev, rel, visit)?,
+                // Gone, replaced by a symlink or a file, or a mount point: not part of the tree.
+                Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => {}
+                Err(error) => unreadable(rel, error, visit)?,
+            }
+        }
+    }
+    rel.truncate(parent_len);
+    std::ops::ControlFlow::Continue(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ops::ControlFlow;
+    use std::os::unix::fs::{MetadataExt, symlink};
+
+    /// A path relative to the walk's base and its inode.
+    type Found = (Vec<u8>, u64);
+
+    /// Every file [`walk_tree`] visits below `dir`, with its inode, and every error's path.
+    fn walk(dir: &Path) -> (Vec<Found>, Vec<Vec<u8>>) {
+        let base = open_dir(dir).unwrap();
+        let (mut files, mut errors) = (Vec::new(), Vec::new());
+        let flow = walk_tree(base.as_fd(), &mut |v| {
+            match v {
+                Visit::File(rel, st) => files.push((rel.to_vec(), st.ino)),
+                Visit::Error { rel, .. } => errors.push(rel.to_vec()),
+            }
+            ControlFlow::Continue(())
+        });
+        assert!(flow.is_continue());
+        files.sort();
+        (files, errors)
+    }
+
+    fn ino(path: &Path) -> u64 {
+        std::fs::symlink_metadata(path).unwrap().ino()
+    }
+
+    #[test]
+    fn walk_tree_visits_every_regular_file_and_follows_no_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (tree, outside) = (tmp.path().join("tree"), tmp.path().join("outside"));
+        std::fs::create_dir_all(tree.join("a/b/c")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"host").unwrap();
+        std::fs::write(tree.join("top"), b"1").unwrap();
+        std::fs::write(tree.join("a/b/c/deep"), b"2").unwrap();
+        let odd = OsStr::from_bytes(b"new\nline \xff");
+        std::fs::write(tree.join("a").join(odd), b"3").unwrap();
+        std::fs::hard_link(tree.join("top"), tree.join("a/top-link")).unwrap();
+        symlink(&outside, tree.join("a/to-outside")).unwrap();
+        symlink(outside.join("secret"), tree.join("to-secret")).unwrap();
+        nix::unistd::mkfifo(&tree.join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        std::fs::create_dir(tree.join("empty")).unwrap();
+
+        let (files, errors) = walk(&tree);
+        let want = |rel: &[u8]| (rel.to_vec(), ino(&join(&tree, rel)));
+        let mut expected = vec![
+            want(b"top"),
+            want(b"a/b/c/deep"),
+            want(b"a/new\nline \xff"),
+            want(b"a/top-link"),
+        ];
+        expected.sort();
+        assert_eq!(files, expected);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    #[test]
+    fn walk_tree_skips_a_filesystem_mounted_inside_the_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path();
+        std::fs::create_dir_all(tree.join("mnt")).unwrap();
+        std::fs::write(tree.join("kept"), b"1").unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &tree.join("mnt"),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mounting tmpfs needs root");
+        std::fs::write(tree.join("mnt/foreign"), b"2").unwrap();
+        let (files, errors) = walk(tree);
+        nix::mount::umount(&tree.join("mnt")).unwrap();
+        assert_eq!(files, vec![(b"kept".to_vec(), ino(&tree.join("kept")))]);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    #[test]
+    fn walk_tree_stops_when_the_visitor_breaks() {
+        let tmp = tempfile::tempdir().unwrap();
+        for d in ["x", "y", "z"] {
+            std::fs::create_dir(tmp.path().join(d)).unwrap();
+            std::fs::write(tmp.path().join(d).join("f"), b"1").unwrap();
+        }
+        let base = open_dir(tmp.path()).unwrap();
+        let mut seen = 0;
+        let flow = walk_tree(base.as_fd(), &mut |_| {
+            seen += 1;
+            ControlFlow::Break(())
+        });
+        assert!(flow.is_break());
+        assert_eq!(seen, 1);
+    }
+}

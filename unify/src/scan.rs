@@ -1,10 +1,9 @@
 //! Scan: walk the guests' base trees and bring their rows in the index up to date, one stat per
 //! file.
 
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-
 use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::mpsc::SyncSender;
 
@@ -12,7 +11,7 @@ use rayon::prelude::*;
 use rusqlite::{Connection, OpenFlags, params};
 
 use crate::error::{Error, Result};
-use crate::fsx::Stat;
+use crate::fsx::{self, Stat, Visit};
 use crate::guest::OpenGuest;
 use crate::progress::Progress;
 use crate::report::{Failure, UnifyReport};
@@ -67,9 +66,8 @@ struct Known {
 /// # Algorithm
 /// One walker per guest (on the I/O pool) reads the guest's rows once through its own
 /// read-only connection, then walks the tree from the guest's already-opened base directory
-/// (through `/proc/self/fd`, so a base swapped for a symlink meanwhile is not followed),
-/// never following symlinks and never leaving the filesystem. One `lstat` per regular file
-/// decides:
+/// fd-relative ([`fsx::walk_tree`]: a base or directory swapped for a symlink meanwhile is not
+/// followed, no mount point is crossed). One `fstatat` per regular file decides:
 /// * a path still linked to its store object (same inode as recorded) — nothing to do;
 /// * same inode, size, mtime and ctime as recorded — unchanged, hashes kept;
 /// * otherwise — new or changed: the row is rewritten and its hashes cleared.
@@ -210,15 +208,6 @@ fn walk(
             return;
         }
     };
-    let proc_path = format!("/proc/self/fd/{}", guest.base_fd.as_raw_fd());
-    let prefix_len = proc_path.len() + 1;
-    let rel_of = |p: &Path| {
-        p.as_os_str()
-            .as_bytes()
-            .get(prefix_len..)
-            .unwrap_or(b"")
-            .to_vec()
-    };
     let mut chunk = Chunk {
         guest: index,
         found: Vec::with_capacity(CHUNK),
@@ -226,51 +215,39 @@ fn walk(
         done: false,
     };
     let mut abs = Vec::with_capacity(256);
-    let walker = walkdir::WalkDir::new(&proc_path)
-        .follow_links(false)
-        .same_file_system(true);
-    for entry in walker {
-        let entry = match entry {
-            Ok(e) => e,
-            Err(e) => {
-                let rel = e.path().map(rel_of).unwrap_or_default();
-                // A directory that cannot be read: keep the rows below it rather than drop them.
-                let prefix = [rel.as_slice(), b"/"].concat();
-                for (path, k) in known.iter_mut() {
-                    if path.starts_with(&prefix) {
-                        k.seen = true;
+    let flow = fsx::walk_tree(guest.base_fd.as_fd(), &mut |visit| {
+        let (rel, stat) = match visit {
+            Visit::File(rel, stat) => (rel, stat),
+            Visit::Error { rel, dir, error } => {
+                if dir {
+                    // A directory that cannot be read: keep the rows below it rather than drop them.
+                    for (path, k) in known.iter_mut() {
+                        if rel.is_empty()
+                            || (path.starts_with(rel) && path.get(rel.len()) == Some(&b'/'))
+                        {
+                            k.seen = true;
+                        }
                     }
-                }
-                chunk.found.push(Found::Failure {
-                    rel,
-                    error: e.to_string(),
-                });
-                continue;
-            }
-        };
-        if !entry.file_type().is_file() || entry.file_name().as_bytes().starts_with(TEMP_PREFIX) {
-            continue;
-        }
-        let rel = rel_of(entry.path());
-        progress.advance(1);
-        let stat = match entry.metadata() {
-            Ok(m) => Stat::from(&m),
-            Err(e) => {
-                if let Some(k) = known.get_mut(&rel) {
+                } else if let Some(k) = known.get_mut(rel) {
                     k.seen = true;
                 }
                 chunk.found.push(Found::Failure {
-                    rel,
-                    error: e.to_string(),
+                    rel: rel.to_vec(),
+                    error: std::io::Error::from(error).to_string(),
                 });
-                continue;
+                return ControlFlow::Continue(());
             }
         };
+        let name = rel.rsplit(|&b| b == b'/').next().unwrap_or(rel);
+        if name.starts_with(TEMP_PREFIX) {
+            return ControlFlow::Continue(());
+        }
+        progress.advance(1);
         abs.clear();
         abs.push(b'/');
-        abs.extend_from_slice(&rel);
+        abs.extend_from_slice(rel);
         let marker = guest.policy.marker_for(&abs).code();
-        match known.get_mut(&rel) {
+        match known.get_mut(rel) {
             Some(k) => {
                 k.seen = true;
                 let same_inode = k.ino == stat.ino;
@@ -281,19 +258,22 @@ fn walk(
                         && k.ctime_ns == stat.ctime_ns);
                 if !unchanged {
                     chunk.found.push(Found::File {
-                        rel,
+                        rel: rel.to_vec(),
                         stat,
                         marker,
                         known: true,
                     });
                 } else if k.marker != marker {
-                    chunk.found.push(Found::Marker { rel, marker });
+                    chunk.found.push(Found::Marker {
+                        rel: rel.to_vec(),
+                        marker,
+                    });
                 } else {
                     chunk.unchanged += 1;
                 }
             }
             None => chunk.found.push(Found::File {
-                rel,
+                rel: rel.to_vec(),
                 stat,
                 marker,
                 known: false,
@@ -307,9 +287,13 @@ fn walk(
                 done: false,
             };
             if tx.send(std::mem::replace(&mut chunk, next)).is_err() {
-                return;
+                return ControlFlow::Break(());
             }
         }
+        ControlFlow::Continue(())
+    });
+    if flow.is_break() {
+        return;
     }
     for (rel, k) in known {
         if !k.seen {

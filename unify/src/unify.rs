@@ -147,7 +147,8 @@ pub fn unify(
     let copied_blocks = plan(root, &by_id, &opts, &mut report)?;
     lap(&mut report, "plan");
     if !opts.dry_run {
-        replace_all(root, &by_id, &opts, &mut report, progress, &pool)?;
+        let freed = replace_all(root, &by_id, &opts, &mut report, progress, &pool)?;
+        report.saved_bytes = freed.saturating_sub(copied_blocks * 512);
         lap(&mut report, "link");
         for e in store::restore_immutable(root)? {
             report.failures.push(Failure {
@@ -170,9 +171,11 @@ pub fn unify(
             list_planned(root, &by_id, &mut report)?;
         }
     }
-    report.saved_bytes = saved_bytes(&root.index.conn, opts.dry_run)
-        .map_err(|e| root.index.err(e))?
-        .saturating_sub(copied_blocks * 512);
+    if opts.dry_run {
+        report.saved_bytes = planned_savings(&root.index.conn)
+            .map_err(|e| root.index.err(e))?
+            .saturating_sub(copied_blocks * 512);
+    }
     Ok(report)
 }
 
@@ -457,7 +460,7 @@ fn plan(
                 id INTEGER PRIMARY KEY, guest_id INTEGER, path BLOB, object_id INTEGER,
                 object_name TEXT, object_ino INTEGER, ino INTEGER, nlink INTEGER, blocks INTEGER,
                 size INTEGER, mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER,
-                ctime_ns INTEGER, done INTEGER NOT NULL DEFAULT 0);",
+                ctime_ns INTEGER);",
         )
         .map_err(|e| idx.err(e))?;
     let mut planner = Planner {
@@ -845,11 +848,35 @@ fn read_steps(conn: &Connection, after: i64, dev: u64) -> rusqlite::Result<Vec<S
     .collect()
 }
 
-/// A directory of a replacement batch: its fd and mtime before the batch, or why it could not
-/// be opened.
-type OpenedDir = std::result::Result<(OwnedFd, i64), String>;
+/// A directory that batches of replacements touch: opened and journalled by the first batch
+/// that has a path in it, its mtime put back (and its journal row deleted) once a batch has
+/// finished and the next one has no path in it.
+struct OpenedDir {
+    /// Its fd, its mtime before any replacement and its journal row; or why it could not be
+    /// opened.
+    state: std::result::Result<(OwnedFd, i64, i64), String>,
+    /// The last batch with a path in it.
+    batch: u64,
+}
 
-/// Replaces every planned path by a link to its object, a directory batch at a time.
+/// What the replacements of one batch came to: the index of each step and its outcome.
+type Outcomes = Vec<(usize, Result<Outcome>)>;
+
+/// Replaces every planned path by a link to its object, a directory batch at a time; returns
+/// the bytes freed (inodes all of whose links were replaced).
+///
+/// # Algorithm
+/// Batches of [`CHUNK`] plan rows in path order. For each batch, on this thread: open and
+/// journal (mtime, committed) every directory not already open from the previous batch. Then
+/// the batch's replacements ([`replace_one`]) run on the I/O pool while this thread finishes
+/// the previous batch: puts back the mtimes of its directories that the new batch does not
+/// touch, and records its links in the index (one transaction). So the index writes, which
+/// are serial, overlap the link syscalls instead of following them.
+///
+/// # Errors
+/// Index errors abort (every finished replacement stands and is safe; the journal puts the
+/// directory mtimes back on the next run). A path that cannot be replaced is reported in
+/// `report.failures`.
 fn replace_all(
     root: &HostRoot,
     guests: &HashMap<i64, &OpenGuest>,
@@ -857,14 +884,14 @@ fn replace_all(
     report: &mut UnifyReport,
     progress: &dyn Progress,
     pool: &rayon::ThreadPool,
-) -> Result<()> {
+) -> Result<u64> {
     let idx = &root.index;
     // Sort the plan by directory so each directory is opened and journalled once per batch.
     idx.conn
         .execute_batch(
             "CREATE TEMP TABLE plan_sorted AS SELECT * FROM plan ORDER BY guest_id, path;
              DELETE FROM plan; INSERT INTO plan SELECT NULL, guest_id, path, object_id, object_name,
-               object_ino, ino, nlink, blocks, size, mode, uid, gid, mtime_ns, ctime_ns, done
+               object_ino, ino, nlink, blocks, size, mode, uid, gid, mtime_ns, ctime_ns
              FROM plan_sorted ORDER BY guest_id, path; DROP TABLE plan_sorted;",
         )
         .map_err(|e| idx.err(e))?;
@@ -873,123 +900,207 @@ fn replace_all(
         .query_row("SELECT COUNT(*) FROM plan", [], |r| r.get(0))
         .map_err(|e| idx.err(e))?;
     if total == 0 {
-        return Ok(());
+        return Ok(0);
     }
     progress.start(Phase::Link, Some(total as u64));
     // Dropped at the end of this function, after the last close of a replaced inode.
     let releaser = Releaser::new(CLOSERS);
+    let mut freed = Freed::default();
+    let objects = ObjectsDir {
+        fd: root.objects_fd(),
+        path: root.objects_dir(),
+    };
     let mut ctimes: HashMap<u64, i64> = HashMap::new();
+    let mut open: BTreeMap<(i64, Vec<u8>), OpenedDir> = BTreeMap::new();
+    // The previous batch: its steps and outcomes, finished while the next one runs.
+    let mut previous: Option<(Vec<Step>, Outcomes)> = None;
     let mut last = 0i64;
-    loop {
+    for batch in 1u64.. {
         let steps = read_steps(&idx.conn, last, root.dev()).map_err(|e| idx.err(e))?;
-        let Some(step) = steps.last() else { break };
-        last = step.id;
-
-        // Open and journal every directory of the batch before touching any.
-        let mut dirs: BTreeMap<(i64, Vec<u8>), OpenedDir> = BTreeMap::new();
-        for s in &steps {
-            let parent = fsx::split_parent(&s.path).0.to_vec();
-            dirs.entry((s.guest_id, parent)).or_insert_with(|| {
-                let guest = guests[&s.guest_id];
-                open_parent(guest, &s.path)
-                    .and_then(|fd| {
-                        let mtime = fsx::fstat(&fd).at(guest.host_path(&s.path))?.mtime_ns;
-                        Ok((fd, mtime))
-                    })
-                    .map_err(|e| e.to_string())
-            });
+        if let Some(step) = steps.last() {
+            last = step.id;
         }
+
+        // Open and journal the batch's new directories before touching any.
         let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
-        for ((guest_id, dir), entry) in &dirs {
-            if let Ok((_, mtime)) = entry {
-                idx.exec(
-                    "INSERT INTO journal(op, guest_id, path, value) VALUES ('dir', ?1, ?2, ?3)",
-                    params![guest_id, dir, mtime],
-                )?;
+        for s in &steps {
+            let key = (s.guest_id, fsx::split_parent(&s.path).0.to_vec());
+            if let Some(dir) = open.get_mut(&key) {
+                dir.batch = batch;
+                continue;
             }
+            let guest = guests[&s.guest_id];
+            let state = open_parent(guest, &s.path)
+                .and_then(|fd| {
+                    let mtime = fsx::fstat(&fd).at(guest.host_path(&key.1))?.mtime_ns;
+                    Ok((fd, mtime))
+                })
+                .map_err(|e| e.to_string());
+            let state = match state {
+                Ok((fd, mtime)) => {
+                    idx.exec(
+                        "INSERT INTO journal(op, guest_id, path, value) VALUES ('dir', ?1, ?2, ?3)",
+                        params![key.0, key.1, mtime],
+                    )?;
+                    Ok((fd, mtime, idx.conn.last_insert_rowid()))
+                }
+                Err(e) => Err(e),
+            };
+            open.insert(key, OpenedDir { state, batch });
         }
         tx.commit().map_err(|e| idx.err(e))?;
-
-        // Paths of single-link inodes are independent: replace them in parallel, which
-        // overlaps the filesystem's latency. Paths of inodes with several links go one after
-        // the other, so each sees the ctime the previous replacement left.
-        let objects = ObjectsDir {
-            fd: root.objects_fd(),
-            path: root.objects_dir(),
-        };
-        let attempt = |s: &Step, ctimes: &mut HashMap<u64, i64>| {
-            let (parent, name) = fsx::split_parent(&s.path);
-            match &dirs[&(s.guest_id, parent.to_vec())] {
-                Ok((fd, _)) => replace_one(
-                    &objects,
-                    guests[&s.guest_id],
-                    fd.as_fd(),
-                    name,
-                    s,
-                    ctimes,
-                    &releaser,
-                ),
-                Err(e) => Err(Error::Io {
-                    path: guests[&s.guest_id].host_path(parent),
-                    error: std::io::Error::other(e.clone()),
-                }),
-            }
-        };
-        let (single, multi): (Vec<&Step>, Vec<&Step>) =
-            steps.iter().partition(|s| s.then.nlink <= 1);
-        let mut outcomes: Vec<(&Step, Result<Outcome>)> = pool.install(|| {
-            single
-                .par_iter()
-                .map(|s| (*s, attempt(s, &mut HashMap::new())))
+        // Directories the new batch does not touch: done once the previous batch is.
+        let retired: Vec<((i64, Vec<u8>), OpenedDir)> = {
+            let keys: Vec<_> = open
+                .iter()
+                .filter(|(_, d)| d.batch < batch)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| open.remove_entry(&k))
                 .collect()
-        });
-        outcomes.extend(multi.into_iter().map(|s| (s, attempt(s, &mut ctimes))));
-        let mut done = Vec::new();
-        for (s, outcome) in outcomes {
-            let guest = guests[&s.guest_id];
-            match outcome {
-                Ok(Outcome::Linked) => {
-                    report.linked_files += 1;
-                    if opts.list_paths {
-                        report.linked.push(LinkedPath::new(
-                            guest,
-                            &s.path,
-                            &s.object_name,
-                            s.then.size,
-                        ));
-                    }
-                    done.push(s);
-                }
-                Ok(Outcome::Changed) => report.skipped_changed += 1,
-                Err(e) => report
-                    .failures
-                    .push(Failure::new(guest, &s.path, e.to_string())),
-            }
+        };
+
+        let open = &open;
+        let objects = &objects;
+        let releaser = &releaser;
+        let ctimes = &mut ctimes;
+        let outcomes = std::thread::scope(|scope| -> Result<_> {
+            let running = scope
+                .spawn(|| replace_batch(&steps, open, objects, guests, ctimes, releaser, pool));
+            let finished = finish_batch(
+                root,
+                guests,
+                opts,
+                previous.take(),
+                retired,
+                report,
+                &mut freed,
+            );
+            let outcomes = running.join().map_err(|_| Error::Io {
+                path: root.path().to_path_buf(),
+                error: std::io::Error::other("a replacement thread panicked"),
+            })?;
+            finished.map(|()| outcomes)
+        })?;
+        if steps.is_empty() {
+            break;
         }
-        for ((guest_id, dir), entry) in &dirs {
-            if let Ok((fd, mtime)) = entry
-                && let Err(e) = fsx::set_mtime(fd, *mtime)
-            {
+        progress.advance(steps.len() as u64);
+        previous = Some((steps, outcomes));
+    }
+    progress.finish();
+    Ok(freed.bytes())
+}
+
+/// Steps with their index in the batch.
+type Indexed<'s> = Vec<(usize, &'s Step)>;
+
+/// Runs one batch's replacements. Paths of single-link inodes are independent: they are
+/// replaced in parallel, which overlaps the filesystem's latency. Paths of inodes with
+/// several links go one after the other, so each sees the ctime the previous replacement left.
+fn replace_batch(
+    steps: &[Step],
+    open: &BTreeMap<(i64, Vec<u8>), OpenedDir>,
+    objects: &ObjectsDir<'_>,
+    guests: &HashMap<i64, &OpenGuest>,
+    ctimes: &mut HashMap<u64, i64>,
+    releaser: &Releaser,
+    pool: &rayon::ThreadPool,
+) -> Outcomes {
+    let attempt = |s: &Step, ctimes: &mut HashMap<u64, i64>| {
+        let (parent, name) = fsx::split_parent(&s.path);
+        match &open[&(s.guest_id, parent.to_vec())].state {
+            Ok((fd, _, _)) => replace_one(
+                objects,
+                guests[&s.guest_id],
+                fd.as_fd(),
+                name,
+                s,
+                ctimes,
+                releaser,
+            ),
+            Err(e) => Err(Error::Io {
+                path: guests[&s.guest_id].host_path(parent),
+                error: std::io::Error::other(e.clone()),
+            }),
+        }
+    };
+    let (single, multi): (Indexed<'_>, Indexed<'_>) = steps
+        .iter()
+        .enumerate()
+        .partition(|(_, s)| s.then.nlink <= 1);
+    let mut outcomes: Outcomes = pool.install(|| {
+        single
+            .par_iter()
+            .map(|&(i, s)| (i, attempt(s, &mut HashMap::new())))
+            .collect()
+    });
+    outcomes.extend(multi.into_iter().map(|(i, s)| (i, attempt(s, ctimes))));
+    outcomes
+}
+
+/// Finishes a batch whose replacements are done (if any): reports its outcomes, puts back the mtimes
+/// of the `retired` directories and drops their journal rows, and records the links in the
+/// index, in one transaction.
+fn finish_batch(
+    root: &HostRoot,
+    guests: &HashMap<i64, &OpenGuest>,
+    opts: &UnifyOptions,
+    batch: Option<(Vec<Step>, Outcomes)>,
+    retired: Vec<((i64, Vec<u8>), OpenedDir)>,
+    report: &mut UnifyReport,
+    freed: &mut Freed,
+) -> Result<()> {
+    let idx = &root.index;
+    let (steps, outcomes) = batch.unwrap_or_default();
+    let mut done = Vec::new();
+    for (i, outcome) in outcomes {
+        let s = &steps[i];
+        let guest = guests[&s.guest_id];
+        match outcome {
+            Ok(Outcome::Linked) => {
+                report.linked_files += 1;
+                if opts.list_paths {
+                    report.linked.push(LinkedPath::new(
+                        guest,
+                        &s.path,
+                        &s.object_name,
+                        s.then.size,
+                    ));
+                }
+                freed.add(&s.then);
+                done.push(s);
+            }
+            Ok(Outcome::Changed) => report.skipped_changed += 1,
+            Err(e) => report
+                .failures
+                .push(Failure::new(guest, &s.path, e.to_string())),
+        }
+    }
+    let mut journal = Vec::new();
+    for ((guest_id, dir), opened) in &retired {
+        if let Ok((fd, mtime, row)) = &opened.state {
+            if let Err(e) = fsx::set_mtime(fd, *mtime) {
                 let guest = guests[guest_id];
                 report
                     .failures
                     .push(Failure::new(guest, dir, format!("restoring mtime: {e}")));
             }
+            journal.push(*row);
         }
-        let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
-        idx.exec("DELETE FROM journal WHERE op = 'dir'", [])?;
-        for s in done {
-            idx.exec(
-                "UPDATE files SET object_id = ?3, ino = ?4 WHERE guest_id = ?1 AND path = ?2",
-                params![s.guest_id, s.path, s.object_id, s.object_ino as i64],
-            )?;
-            idx.exec("UPDATE plan SET done = 1 WHERE id = ?1", [s.id])?;
-        }
-        tx.commit().map_err(|e| idx.err(e))?;
-        progress.advance(steps.len() as u64);
     }
-    progress.finish();
-    Ok(())
+    let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
+    for row in journal {
+        idx.exec("DELETE FROM journal WHERE id = ?1", [row])?;
+    }
+    for s in done {
+        idx.exec(
+            "UPDATE files SET object_id = ?3, ino = ?4 WHERE guest_id = ?1 AND path = ?2",
+            params![s.guest_id, s.path, s.object_id, s.object_ino as i64],
+        )?;
+    }
+    tx.commit().map_err(|e| idx.err(e))
 }
 
 enum Outcome {
@@ -1078,19 +1189,39 @@ fn replace_one(
     Ok(Outcome::Linked)
 }
 
-/// Bytes freed: inodes all of whose links were (or, in a dry run, would be) replaced.
-fn saved_bytes(conn: &Connection, dry_run: bool) -> rusqlite::Result<u64> {
-    let sql = if dry_run {
+/// Bytes a dry run would free: inodes all of whose links are planned to be replaced.
+fn planned_savings(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row(
         "SELECT COALESCE(SUM(blocks), 0) * 512 FROM
            (SELECT ino, MAX(blocks) AS blocks, MAX(nlink) AS nlink, COUNT(*) AS n
-            FROM plan GROUP BY ino) WHERE n >= nlink"
-    } else {
-        "SELECT COALESCE(SUM(blocks), 0) * 512 FROM
-           (SELECT ino, MAX(blocks) AS blocks, MAX(nlink) AS nlink, SUM(done) AS n
-            FROM plan GROUP BY ino) WHERE n >= nlink"
-    };
-    conn.query_row(sql, [], |r| r.get::<_, i64>(0))
-        .map(|v| v as u64)
+            FROM plan GROUP BY ino) WHERE n >= nlink",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|v| v as u64)
+}
+
+/// The inodes whose links a run replaced: per inode, links replaced, `nlink` and `st_blocks`
+/// as hashed. An inode is freed once all its links are replaced.
+#[derive(Default)]
+struct Freed(HashMap<u64, (u64, u64, u64)>);
+
+impl Freed {
+    fn add(&mut self, then: &Stat) {
+        let e = self.0.entry(then.ino).or_insert((0, 0, 0));
+        e.0 += 1;
+        e.1 = e.1.max(then.nlink);
+        e.2 = e.2.max(then.blocks);
+    }
+
+    /// Bytes of the inodes freed.
+    fn bytes(&self) -> u64 {
+        self.0
+            .values()
+            .filter(|(n, nlink, _)| n >= nlink)
+            .map(|(_, _, blocks)| blocks * 512)
+            .sum()
+    }
 }
 
 /// Fills `report.linked` from the plan of a dry run.

@@ -818,6 +818,24 @@ fn machine(out: &Path) -> Machine {
     }
 }
 
+/// Takes `<out>/lock`, so that a second harness on the same output directory stops at once
+/// instead of writing into the same master set and copies.
+fn lock_out(out: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
+    let path = out.join("lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: another cowherd-bench is using this output directory; wait for it or pass another --out",
+            path.display()
+        )
+    })
+}
+
 fn bench(args: &Args) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("cowherd-bench must run as root (it sets owners and drops the page cache)");
@@ -832,6 +850,7 @@ fn bench(args: &Args) -> Result<()> {
         bail!("--guests and --scale sizes must be at least 1");
     }
     fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let _lock = lock_out(&args.out)?;
     let guests = args.scale.iter().copied().max().unwrap_or(args.guests);
     let master = master_set(args, guests)?;
     let work = args.out.join("work");
