@@ -1,6 +1,7 @@
 //! fd-relative filesystem helpers: guest trees are untrusted, so nothing here follows a symlink.
 
 use std::ffi::OsStr;
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -267,33 +268,19 @@ pub(crate) enum Visit<'a> {
 /// [`Visit::Error`] and the walk goes on.
 pub(crate) fn walk_tree(
     base: BorrowedFd<'_>,
-    visit: &mut dyn FnMut(Visit<'_>) -> std::ops::ControlFlow<()>,
-) -> std::ops::ControlFlow<()> {
-    use std::ops::ControlFlow;
+    visit: &mut dyn FnMut(Visit<'_>) -> ControlFlow<()>,
+) -> ControlFlow<()> {
     // A fresh open file description: listing must not move the offset of `base`.
-    let dir = match open_beneath(base, b"", OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
-        Ok(fd) => fd,
-        Err(error) => {
-            return visit(Visit::Error {
-                rel: b"",
-                dir: true,
-                error,
-            });
-        }
-    };
-    let dev = match fstat(&dir) {
-        Ok(st) => st.dev,
-        Err(error) => {
-            return visit(Visit::Error {
-                rel: b"",
-                dir: true,
-                error,
-            });
-        }
-    };
-    let mut rel = Vec::with_capacity(256);
-    walk_dir(dir, dev, &mut rel, visit)?;
-    ControlFlow::Continue(())
+    let opened = open_beneath(base, b"", OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+        .and_then(|dir| fstat(&dir).map(|st| (dir, st.dev)));
+    match opened {
+        Ok((dir, dev)) => walk_dir(dir, dev, &mut Vec::with_capacity(256), visit),
+        Err(error) => visit(Visit::Error {
+            rel: b"",
+            dir: true,
+            error,
+        }),
+    }
 }
 
 /// Lists one directory of [`walk_tree`], visits its files and descends into its directories.
@@ -301,8 +288,8 @@ fn walk_dir(
     dir: OwnedFd,
     dev: u64,
     rel: &mut Vec<u8>,
-    visit: &mut dyn FnMut(Visit<'_>) -> std::ops::ControlFlow<()>,
-) -> std::ops::ControlFlow<()> {
+    visit: &mut dyn FnMut(Visit<'_>) -> ControlFlow<()>,
+) -> ControlFlow<()> {
     use nix::dir::{Dir, Type};
     use nix::errno::Errno;
     let unreadable = |rel: &[u8], error, visit: &mut dyn FnMut(Visit<'_>) -> _| {
@@ -368,13 +355,12 @@ fn walk_dir(
         }
     }
     rel.truncate(parent_len);
-    std::ops::ControlFlow::Continue(())
+    ControlFlow::Continue(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::ops::ControlFlow;
     use std::os::unix::fs::{MetadataExt, symlink};
 
     /// A path relative to the walk's base and its inode.

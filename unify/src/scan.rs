@@ -238,8 +238,7 @@ fn walk(
                 return ControlFlow::Continue(());
             }
         };
-        let name = rel.rsplit(|&b| b == b'/').next().unwrap_or(rel);
-        if name.starts_with(TEMP_PREFIX) {
+        if fsx::split_parent(rel).1.starts_with(TEMP_PREFIX) {
             return ControlFlow::Continue(());
         }
         progress.advance(1);

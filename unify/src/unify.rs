@@ -172,9 +172,7 @@ pub fn unify(
         }
     }
     if opts.dry_run {
-        report.saved_bytes = planned_savings(&root.index.conn)
-            .map_err(|e| root.index.err(e))?
-            .saturating_sub(copied_blocks * 512);
+        report.saved_bytes = planned_savings(root)?.saturating_sub(copied_blocks * 512);
     }
     Ok(report)
 }
@@ -859,6 +857,9 @@ struct OpenedDir {
     batch: u64,
 }
 
+/// The open directories of the replacement batches, by guest and directory path.
+type OpenDirs = BTreeMap<(i64, Vec<u8>), OpenedDir>;
+
 /// What the replacements of one batch came to: the index of each step and its outcome.
 type Outcomes = Vec<(usize, Result<Outcome>)>;
 
@@ -911,7 +912,7 @@ fn replace_all(
         path: root.objects_dir(),
     };
     let mut ctimes: HashMap<u64, i64> = HashMap::new();
-    let mut open: BTreeMap<(i64, Vec<u8>), OpenedDir> = BTreeMap::new();
+    let mut open = OpenDirs::new();
     // The previous batch: its steps and outcomes, finished while the next one runs.
     let mut previous: Option<(Vec<Step>, Outcomes)> = None;
     let mut last = 0i64;
@@ -950,16 +951,10 @@ fn replace_all(
         }
         tx.commit().map_err(|e| idx.err(e))?;
         // Directories the new batch does not touch: done once the previous batch is.
-        let retired: Vec<((i64, Vec<u8>), OpenedDir)> = {
-            let keys: Vec<_> = open
-                .iter()
-                .filter(|(_, d)| d.batch < batch)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| open.remove_entry(&k))
-                .collect()
-        };
+        let retired: OpenDirs;
+        (open, retired) = std::mem::take(&mut open)
+            .into_iter()
+            .partition(|(_, d)| d.batch == batch);
 
         let open = &open;
         let objects = &objects;
@@ -1001,7 +996,7 @@ type Indexed<'s> = Vec<(usize, &'s Step)>;
 /// several links go one after the other, so each sees the ctime the previous replacement left.
 fn replace_batch(
     steps: &[Step],
-    open: &BTreeMap<(i64, Vec<u8>), OpenedDir>,
+    open: &OpenDirs,
     objects: &ObjectsDir<'_>,
     guests: &HashMap<i64, &OpenGuest>,
     ctimes: &mut HashMap<u64, i64>,
@@ -1048,7 +1043,7 @@ fn finish_batch(
     guests: &HashMap<i64, &OpenGuest>,
     opts: &UnifyOptions,
     batch: Option<(Vec<Step>, Outcomes)>,
-    retired: Vec<((i64, Vec<u8>), OpenedDir)>,
+    retired: OpenDirs,
     report: &mut UnifyReport,
     freed: &mut Freed,
 ) -> Result<()> {
@@ -1189,16 +1184,20 @@ fn replace_one(
     Ok(Outcome::Linked)
 }
 
-/// Bytes a dry run would free: inodes all of whose links are planned to be replaced.
-fn planned_savings(conn: &Connection) -> rusqlite::Result<u64> {
-    conn.query_row(
-        "SELECT COALESCE(SUM(blocks), 0) * 512 FROM
-           (SELECT ino, MAX(blocks) AS blocks, MAX(nlink) AS nlink, COUNT(*) AS n
-            FROM plan GROUP BY ino) WHERE n >= nlink",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|v| v as u64)
+/// Bytes a dry run would free: inodes all of whose links are planned to be replaced (the rule
+/// of [`Freed`], over plan rows that have no object yet).
+fn planned_savings(root: &HostRoot) -> Result<u64> {
+    root.index
+        .conn
+        .query_row(
+            "SELECT COALESCE(SUM(blocks), 0) * 512 FROM
+               (SELECT ino, MAX(blocks) AS blocks, MAX(nlink) AS nlink, COUNT(*) AS n
+                FROM plan GROUP BY ino) WHERE n >= nlink",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|v| v as u64)
+        .map_err(|e| root.index.err(e))
 }
 
 /// The inodes whose links a run replaced: per inode, links replaced, `nlink` and `st_blocks`
