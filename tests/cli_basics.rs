@@ -423,3 +423,74 @@ fn a_bad_option_is_a_usage_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// Runs `argv` as the unprivileged user `nobody` (util-linux `setpriv`); returns whether it
+/// succeeded.
+fn as_nobody(argv: &[&str]) -> bool {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(argv)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("setpriv (util-linux) runs")
+        .success()
+}
+
+fn mode_of(p: &Path) -> u32 {
+    fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn the_root_store_and_index_are_reachable_by_root_only() {
+    assert_root();
+    let s = Scratch::new("perms");
+    fs::set_permissions(s.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let root = init_root(s.path());
+    adopt_built(&root, s.path(), "g", |d| small_guest(d, 1));
+    cowherd(&root).args(["unify", "g"]).assert().success();
+    assert_eq!(mode_of(&root), 0o700, "the root");
+    for dir in ["store", "guests", "templates"] {
+        assert_eq!(mode_of(&root.join(dir)), 0o700, "{dir}/");
+    }
+    for file in ["index.db", "index.db-wal", "lock"] {
+        if root.join(file).exists() {
+            assert_eq!(mode_of(&root.join(file)), 0o600, "{file}");
+        }
+    }
+    // The check is real: `nobody` reaches the directory above the root, and nothing below it.
+    let shown = |p: &Path| p.to_str().unwrap().to_string();
+    assert!(as_nobody(&["ls", &shown(s.path())]));
+    assert!(!as_nobody(&["ls", &shown(&root)]), "nobody listed the root");
+    for p in [
+        root.join("index.db"),
+        root.join("store/objects"),
+        base(&root, "g").join("usr/bin/a"),
+    ] {
+        assert!(!as_nobody(&["stat", &shown(&p)]), "nobody reached {p:?}");
+    }
+}
+
+#[test]
+fn a_writing_command_tightens_an_old_open_root() {
+    assert_root();
+    let s = Scratch::new("perms-old");
+    let root = init_root(s.path());
+    adopt_built(&root, s.path(), "g", |d| small_guest(d, 1));
+    // A root made by an older cowherd: everything world-readable.
+    for (p, mode) in [
+        (root.clone(), 0o755),
+        (root.join("store"), 0o755),
+        (root.join("guests"), 0o755),
+        (root.join("index.db"), 0o644),
+    ] {
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    cowherd(&root).arg("list").assert().success();
+    assert_eq!(mode_of(&root), 0o755, "a reading command changes nothing");
+    cowherd(&root).args(["unify", "g"]).assert().success();
+    assert_eq!(mode_of(&root), 0o700);
+    assert_eq!(mode_of(&root.join("store")), 0o700);
+    assert_eq!(mode_of(&root.join("guests")), 0o700);
+    assert_eq!(mode_of(&root.join("index.db")), 0o600);
+}

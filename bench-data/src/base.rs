@@ -1109,8 +1109,7 @@ impl Builder<'_> {
             self.files += 1;
         }
         let meta = self.install_meta(0o644);
-        let path =
-            "/var/lib/apt/lists/mirror_debian_dists_bookworm_main_binary-amd64_Packages";
+        let path = "/var/lib/apt/lists/mirror_debian_dists_bookworm_main_binary-amd64_Packages";
         self.tree
             .file(path, meta, Body::text(TextStyle::Config, 45_000_000.min(c)));
         self.files += 1;

@@ -267,6 +267,22 @@ impl OpenGuest {
     pub fn host_path(&self, rel: &[u8]) -> PathBuf {
         fsx::join(&self.base_path, rel)
     }
+
+    /// Opens the parent directory of a guest path.
+    pub fn open_parent(&self, rel: &[u8]) -> Result<OwnedFd> {
+        let (parent, _) = fsx::split_parent(rel);
+        fsx::open_dir_beneath(self.base(), &self.base_path, parent)
+    }
+
+    /// Opens a guest file for reading without following symlinks or updating its atime.
+    pub fn open_file(&self, rel: &[u8]) -> nix::Result<OwnedFd> {
+        use nix::fcntl::OFlag;
+        let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK;
+        match fsx::open_beneath(self.base(), rel, flags | OFlag::O_NOATIME) {
+            Err(nix::errno::Errno::EPERM) => fsx::open_beneath(self.base(), rel, flags),
+            other => other,
+        }
+    }
 }
 
 /// Opens guest `name` for unification.

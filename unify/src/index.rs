@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::error::{Error, Result};
+use crate::fsx::Stat;
 
 /// Schema version stored in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
@@ -175,4 +176,21 @@ impl Index {
         }
         Ok(())
     }
+}
+
+/// The stat columns `ino, nlink, size, blocks, mode, uid, gid, mtime_ns, ctime_ns` of a row,
+/// starting at column `first` (the one reader of that column order).
+pub(crate) fn row_stat(r: &rusqlite::Row<'_>, first: usize, dev: u64) -> rusqlite::Result<Stat> {
+    Ok(Stat {
+        dev,
+        ino: r.get::<_, i64>(first)? as u64,
+        nlink: r.get::<_, i64>(first + 1)? as u64,
+        size: r.get::<_, i64>(first + 2)? as u64,
+        blocks: r.get::<_, i64>(first + 3)? as u64,
+        mode: r.get(first + 4)?,
+        uid: r.get(first + 5)?,
+        gid: r.get(first + 6)?,
+        mtime_ns: r.get(first + 7)?,
+        ctime_ns: r.get(first + 8)?,
+    })
 }

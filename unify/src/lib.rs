@@ -2,16 +2,22 @@
 //! linker, the marker policy and the host-root layout behind `cowherd`.
 #![warn(missing_docs)]
 
+mod candidates;
 mod error;
 mod fsx;
 mod guest;
+mod hash;
 mod index;
 mod key;
 mod maintain;
+mod open;
+mod mountinfo;
+mod plan;
 mod policy;
 mod progress;
 mod recover;
 mod release;
+mod replace;
 mod report;
 mod root;
 mod scan;
@@ -26,6 +32,7 @@ pub use guest::{
 pub use maintain::{
     GcReport, GuestStats, Problem, Stats, TopObject, Totals, VerifyReport, gc, stats, verify,
 };
+pub use mountinfo::{MountEntry, parse_mountinfo, read_mountinfo};
 pub use policy::{
     DEFAULT_POLICY_TOML, Marker, Policy, PolicyError, PolicyFile, Rule, load_policy_file,
     parse_conffiles, read_dpkg_conffiles,

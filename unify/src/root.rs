@@ -20,7 +20,9 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
+use std::os::unix::fs::OpenOptionsExt;
+
+use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use crate::error::{Error, PathContext, Result};
 use crate::fsx::{self, Stat};
@@ -47,6 +49,7 @@ pub enum Access {
 pub struct HostRoot {
     path: PathBuf,
     dev: u64,
+    root_fd: OwnedFd,
     objects_fd: OwnedFd,
     tmp_fd: OwnedFd,
     guests_fd: OwnedFd,
@@ -64,37 +67,51 @@ impl std::fmt::Debug for HostRoot {
 }
 
 impl HostRoot {
-    /// Creates the layout at `path` (idempotent) and opens it for writing.
+    /// Creates the layout at `path` (idempotent), reachable by root only; returns its
+    /// canonical path.
     ///
     /// # Errors
-    /// I/O errors creating the directories, [`Error::CrossFilesystem`] if a part of the
-    /// layout is on another filesystem, [`Error::Index`] if the database cannot be created.
-    pub fn init(path: &Path) -> Result<HostRoot> {
-        fsx::ensure_dir(path, 0o755)?;
+    /// I/O errors creating the directories, [`Error::Symlink`] if a part of the layout is a
+    /// symlink, [`Error::Index`] if the database cannot be created.
+    pub(crate) fn create_layout(path: &Path) -> Result<PathBuf> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsx::ensure_dir(parent, 0o755)?;
+        }
+        fsx::ensure_dir(path, 0o700)?;
         let path = std::fs::canonicalize(path).at(path)?;
         for dir in LAYOUT {
             let p = path.join(dir);
             match std::fs::symlink_metadata(&p) {
                 Ok(m) if m.file_type().is_symlink() => return Err(Error::Symlink { path: p }),
                 Ok(_) => {}
-                Err(_) => fsx::ensure_dir(&p, if dir == "store/tmp" { 0o700 } else { 0o755 })?,
+                Err(_) => fsx::ensure_dir(&p, 0o700)?,
             }
         }
         let policy = path.join("policy.toml");
         if std::fs::symlink_metadata(&policy).is_err() {
             fsx::write_atomic(&policy, DEFAULT_POLICY_TOML.as_bytes())?;
         }
-        Index::open(&path.join("index.db"))?;
-        HostRoot::open(&path, Access::Write)
+        let db = path.join("index.db");
+        // SQLite gives its -wal and -shm files the mode of the database file.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&db)
+            .at(&db)?;
+        Index::open(&db)?;
+        Ok(path)
     }
 
-    /// Opens an initialised root.
+    /// Opens an initialised root's layout, lock (for [`Access::Write`]) and index, without
+    /// repairing anything (see `HostRoot::open`).
     ///
     /// # Errors
     /// [`Error::NotARoot`] if `path` has no index, [`Error::CrossFilesystem`] or
     /// [`Error::Symlink`] if the layout is broken, [`Error::Locked`] if another writer is
     /// running (for [`Access::Write`]).
-    pub fn open(path: &Path, access: Access) -> Result<HostRoot> {
+    pub(crate) fn open_layout(path: &Path, access: Access) -> Result<HostRoot> {
         if std::fs::symlink_metadata(path.join("index.db")).is_err() {
             return Err(Error::NotARoot {
                 path: path.to_path_buf(),
@@ -125,20 +142,47 @@ impl HostRoot {
             Access::Write => Some(take_lock(&path.join("lock"))?),
         };
         let index = Index::open(&path.join("index.db"))?;
-        let root = HostRoot {
+        Ok(HostRoot {
             path,
             dev,
+            root_fd,
             objects_fd,
             tmp_fd,
             guests_fd,
             link_max,
             _lock: lock,
             index,
+        })
+    }
+
+    /// Makes the root reachable by root only: the root and the top directories of the layout
+    /// 0700, the index (with its WAL files) and the lock 0600. A guest's setuid-root file is
+    /// setuid-root on the host too, so no other user may reach a guest tree or the store.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the path that could not be changed.
+    pub(crate) fn restrict_access(&self) -> Result<()> {
+        use nix::sys::stat::{Mode, fchmod};
+        let restrict = |fd: BorrowedFd<'_>, shown: &Path, mode: u32| -> Result<()> {
+            if fsx::fstat(fd).at(shown)?.mode & 0o7777 != mode {
+                fchmod(fd, Mode::from_bits_truncate(mode)).at(shown)?;
+            }
+            Ok(())
         };
-        if access == Access::Write {
-            crate::recover::recover(&root)?;
+        restrict(self.root_fd.as_fd(), &self.path, 0o700)?;
+        for dir in ["store", "guests", "templates"] {
+            let fd = fsx::open_dir_beneath(self.root_fd.as_fd(), &self.path, dir.as_bytes())?;
+            restrict(fd.as_fd(), &self.path.join(dir), 0o700)?;
         }
-        Ok(root)
+        for file in ["index.db", "index.db-wal", "index.db-shm", "lock"] {
+            let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK;
+            match fsx::open_beneath(self.root_fd.as_fd(), file.as_bytes(), flags) {
+                Ok(fd) => restrict(fd.as_fd(), &self.path.join(file), 0o600)?,
+                Err(nix::errno::Errno::ENOENT) => {}
+                Err(e) => return Err(e).at(self.path.join(file)),
+            }
+        }
+        Ok(())
     }
 
     /// The root's canonical path.
@@ -206,6 +250,7 @@ fn take_lock(path: &Path) -> Result<Flock<File>> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(path)
         .at(path)?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {

@@ -1,0 +1,70 @@
+//! Candidates: the files a run may link, and the size groups worth reading (the cheapest stage).
+
+use rusqlite::named_params;
+
+use crate::error::Result;
+use crate::guest::OpenGuest;
+use crate::root::HostRoot;
+
+/// Materialises the eligible files of the selected guests (`temp.cand`) and their size groups
+/// (`temp.sg`).
+///
+/// # Algorithm
+/// `temp.sel` holds the selected guest ids. `temp.cand` copies the rows of their files whose
+/// marker is not private, whose size is at least `min_size` and that are not linked yet, with
+/// the grouping mtime (`mt`: 0 under `ignore_mtime`). `temp.sg` keeps only the size groups
+/// (size, mode, uid, gid, mt) worth reading: two distinct inodes, or an object of the same
+/// metadata already in the store.
+///
+/// # Errors
+/// Index errors.
+pub(crate) fn build_candidates(
+    root: &HostRoot,
+    guests: &[OpenGuest],
+    min_size: u64,
+    ignore_mtime: bool,
+) -> Result<()> {
+    let idx = &root.index;
+    idx.conn
+        .execute_batch(
+            "DROP TABLE IF EXISTS temp.sel; DROP TABLE IF EXISTS temp.cand;
+             DROP TABLE IF EXISTS temp.sg; DROP TABLE IF EXISTS temp.plan;
+             CREATE TEMP TABLE sel(id INTEGER PRIMARY KEY);",
+        )
+        .map_err(|e| idx.err(e))?;
+    for g in guests {
+        idx.exec("INSERT INTO sel(id) VALUES (?1)", [g.id])?;
+    }
+    let ign = ignore_mtime;
+    idx.conn
+        .execute(
+            "CREATE TEMP TABLE cand AS
+             SELECT guest_id, path, ino, nlink, size, blocks, mode, uid, gid, mtime_ns, ctime_ns,
+                    CASE WHEN :ign THEN 0 ELSE mtime_ns END AS mt, marker, phash, chash, xhash
+             FROM files
+             WHERE guest_id IN (SELECT id FROM sel) AND marker > 0 AND size >= :min
+               AND object_id IS NULL",
+            named_params! {":ign": ign, ":min": min_size as i64},
+        )
+        .map_err(|e| idx.err(e))?;
+    idx.conn
+        .execute_batch(
+            "CREATE INDEX temp.cand_group ON cand(size, mode, uid, gid, mt);
+             CREATE INDEX temp.cand_ino ON cand(ino);",
+        )
+        .map_err(|e| idx.err(e))?;
+    idx.conn
+        .execute(
+            "CREATE TEMP TABLE sg AS
+             SELECT size, mode, uid, gid, mt, COUNT(DISTINCT ino) AS inodes,
+                    EXISTS(SELECT 1 FROM objects o
+                           WHERE o.size = c.size AND o.mode = c.mode AND o.uid = c.uid
+                             AND o.gid = c.gid AND o.ign_mtime = :ign
+                             AND (:ign OR o.mtime_ns = c.mt)) AS has_obj
+             FROM cand c GROUP BY size, mode, uid, gid, mt
+             HAVING inodes >= 2 OR has_obj",
+            named_params! {":ign": ign},
+        )
+        .map_err(|e| idx.err(e))?;
+    Ok(())
+}
