@@ -445,7 +445,11 @@ fn mode_of(p: &Path) -> u32 {
 fn the_root_store_and_index_are_reachable_by_root_only() {
     assert_root();
     let s = Scratch::new("perms");
-    fs::set_permissions(s.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    fs::set_permissions(
+        s.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let root = init_root(s.path());
     adopt_built(&root, s.path(), "g", |d| small_guest(d, 1));
     cowherd(&root).args(["unify", "g"]).assert().success();
