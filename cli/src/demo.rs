@@ -65,7 +65,7 @@ pub fn run(keep: Option<PathBuf>, guests: usize, json: bool, bars: &Bars) -> Res
             .and_then(|n| n.to_str())
             .context("guest name")?
             .to_string();
-        cowherd_unify::adopt(&root, path, &name)?;
+        cowherd_unify::adopt(&root, path, &name, false)?;
         names.push(name);
     }
     let guest_dirs: Vec<PathBuf> = names

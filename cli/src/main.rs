@@ -5,18 +5,22 @@ mod bars;
 mod out;
 mod demo;
 mod fmt;
+mod lifecycle;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use cowherd_unify::{Access, HostRoot, UnifyOptions, UnifyReport};
+use cowherd_unify::{Access, HostRoot, MountState, UnifyOptions, UnifyReport};
 
 use crate::bars::Bars;
 
 /// Exit code: finished, but some files failed or verify found a problem.
-const EXIT_PARTIAL: u8 = 3;
+pub(crate) const EXIT_PARTIAL: u8 = 3;
+/// Exit code of `exec` when the command could not be started (as `docker run` and `chroot`
+/// use 125/126/127 for their own failures).
+const EXIT_EXEC_FAILED: u8 = 125;
 
 #[derive(Parser)]
 #[command(
@@ -51,9 +55,132 @@ enum Command {
         /// The guest's name: 1-64 of a-z A-Z 0-9 . _ -
         #[arg(long)]
         name: String,
+        /// Leave an empty directory at PATH and mount the guest's overlay there, so a runtime
+        /// that expects the guest at PATH (an LXC rootfs, /var/lib/machines/NAME, a VServer
+        /// directory) keeps its configuration.
+        #[arg(long)]
+        in_place: bool,
         /// Print the new guest's record as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Mount guests' overlays: lower layer base/, upper layer upper/, at rootfs/ (or the
+    /// adopt --in-place path).
+    #[command(
+        long_about = "Mount each guest's overlay (lowerdir=base, upperdir=upper, \
+workdir=work, always index=off,metacopy=off,redirect_dir=off) at guests/NAME/rootfs, or at the \
+path recorded by `adopt --in-place`. Idempotent: a guest mounted as cowherd mounts it is left \
+alone; a mount made with other options or layers is reported and not trusted."
+    )]
+    Mount {
+        /// Guests to mount.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        guests: Vec<String>,
+        /// Mount every guest.
+        #[arg(long)]
+        all: bool,
+        /// Before mounting an unmounted guest, fold its upper layer into base and unify it, so
+        /// that what it changed is shared again (use it at every restart).
+        #[arg(long)]
+        fold: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unmount guests' overlays; refuses while a process uses one, naming it.
+    Umount {
+        /// Guests to unmount.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        guests: Vec<String>,
+        /// Unmount every guest.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move what stopped guests changed (their upper layer) down into base, so that the next
+    /// unify can share it again.
+    #[command(
+        long_about = "Fold each unmounted guest's upper layer into its base: files, \
+symlinks and special files move down (hardlink and rename: never a copy), whiteouts delete what \
+they hide, opaque directories replace the base directory, and directories take the upper one's \
+owner, mode, mtime and xattrs (never overlayfs's own trusted.overlay.* ones). What the guest \
+sees does not change at any instant, even if fold is killed; the next run finishes. Afterwards \
+upper/ and work/ are empty. Then `cowherd unify GUEST` shares what can be shared."
+    )]
+    Fold {
+        /// Guests to fold.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        guests: Vec<String>,
+        /// Fold every unmounted guest (mounted ones are skipped and listed).
+        #[arg(long)]
+        all: bool,
+        /// List what would move; change nothing.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// List every entry folded.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Give an unmounted guest private copies of shared files (the way back from sharing, and
+    /// how to edit a file in base safely); the paths are marked private in its guest.toml.
+    Split {
+        /// The guest.
+        guest: String,
+        /// Guest-absolute paths (`/usr/bin/ls`); a directory means every shared file below it.
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write what a guest sees (base and upper merged) as a standalone tree or tarball, with
+    /// every byte, owner, mode, mtime and xattr, to move it to another host.
+    Export {
+        /// The guest.
+        guest: String,
+        /// A new directory, or with --tar a new file (`-` for standard output).
+        dest: PathBuf,
+        /// Write a POSIX tarball (GNU tar, with xattrs, ACLs and nanosecond mtimes).
+        #[arg(long)]
+        tar: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an unmounted guest; `cowherd gc` then reclaims the objects only it used.
+    Destroy {
+        /// The guest.
+        guest: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command inside a mounted guest: new mount, PID, UTS and IPC namespaces, chrooted
+    /// into its rootfs, its own /proc and hostname. Exits with the command's exit code (128+N
+    /// if signal N killed it), or 125 if cowherd could not start it.
+    #[command(after_help = "Example: cowherd exec web01 -- apt-get update\n\
+It is an admin's tool like chroot, not a security boundary: the command runs as root with \
+every capability, in the host's network.")]
+    Exec {
+        /// The guest.
+        guest: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Print a systemd unit that mounts a guest before its runtime starts.
+    Unit {
+        /// The guest.
+        guest: String,
+        /// The unit runs `mount --fold`: the guest's changes are folded and shared again at
+        /// every start.
+        #[arg(long)]
+        fold: bool,
     },
     /// List guests.
     List {
@@ -76,6 +203,10 @@ are shared, immutable paths are shared and get the inode's immutable flag."
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Show instead the page cache and inode cache that sharing saves right now, for the
+        /// mounted guests.
+        #[arg(long)]
+        memory: bool,
         /// How many of the most-saving objects to list.
         #[arg(long, default_value_t = 10)]
         top: usize,
@@ -154,7 +285,7 @@ fn open(root: &Path, access: Access) -> Result<HostRoot> {
     Ok(HostRoot::open(root, access)?)
 }
 
-fn print_json(value: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<()> {
     outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -168,9 +299,14 @@ fn run(cli: Cli) -> Result<u8> {
             outln!("initialised {}", root.path().display());
             Ok(0)
         }
-        Command::Adopt { path, name, json } => {
+        Command::Adopt {
+            path,
+            name,
+            in_place,
+            json,
+        } => {
             let root = open(&cli.root, Access::Write)?;
-            let record = cowherd_unify::adopt(&root, &path, &name)
+            let record = cowherd_unify::adopt(&root, &path, &name, in_place)
                 .with_context(|| format!("adopting {} as {name:?}", path.display()))?;
             if json {
                 print_json(&record)?;
@@ -180,8 +316,83 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::List { json } => list(&cli.root, json),
+        Command::Mount {
+            guests,
+            all,
+            fold,
+            json,
+        } => lifecycle::mount(
+            &open(&cli.root, Access::Write)?,
+            &guests,
+            all,
+            fold,
+            json,
+            &bars,
+        ),
+        Command::Umount { guests, all, json } => {
+            lifecycle::umount(&open(&cli.root, Access::Write)?, &guests, all, json)
+        }
+        Command::Fold {
+            guests,
+            all,
+            dry_run,
+            json,
+            verbose,
+        } => {
+            let root = open(&cli.root, Access::Write)?;
+            let opts = cowherd_unify::FoldOptions {
+                dry_run,
+                list_entries: verbose,
+            };
+            lifecycle::fold(&root, &guests, all, &opts, json)
+        }
+        Command::Split { guest, paths, json } => {
+            lifecycle::split(&open(&cli.root, Access::Write)?, &guest, &paths, json)
+        }
+        Command::Export {
+            guest,
+            dest,
+            tar,
+            json,
+        } => lifecycle::export(&open(&cli.root, Access::Write)?, &guest, &dest, tar, json),
+        Command::Destroy { guest, json } => {
+            lifecycle::destroy(&open(&cli.root, Access::Write)?, &guest, json)
+        }
+        Command::Exec { guest, command } => {
+            let run = || -> Result<u8> {
+                let root = open(&cli.root, Access::Read)?;
+                let rootfs = cowherd_unify::mounted_rootfs(&root, &guest)?;
+                let record = cowherd_unify::guest_record(&root, &guest)?;
+                let out = cowherd_builder::Exec::new(rootfs, record.hostname(), command).run()?;
+                Ok(out.code.clamp(0, 255) as u8)
+            };
+            run().or_else(|e| {
+                eprintln!("error: {e:#}");
+                Ok(EXIT_EXEC_FAILED)
+            })
+        }
+        Command::Unit { guest, fold } => {
+            let root = open(&cli.root, Access::Read)?;
+            let exe = std::env::current_exe().context("finding the cowherd binary")?;
+            out::text(&cowherd_unify::systemd_unit(&root, &guest, &exe, fold)?);
+            Ok(0)
+        }
         Command::Unify(args) => unify(&cli.root, args, &bars),
-        Command::Stats { json, top } => {
+        Command::Stats {
+            json,
+            top,
+            memory: true,
+        } => {
+            let root = open(&cli.root, Access::Read)?;
+            let stats = cowherd_unify::memory_stats(&root, top)?;
+            if json {
+                print_json(&stats)?
+            } else {
+                print_memory(&stats)
+            }
+            Ok(0)
+        }
+        Command::Stats { json, top, .. } => {
             let root = open(&cli.root, Access::Read)?;
             let stats = cowherd_unify::stats(&root, top)?;
             if json {
@@ -251,9 +462,12 @@ fn run(cli: Cli) -> Result<u8> {
 fn list(root: &Path, json: bool) -> Result<u8> {
     let root = open(root, Access::Read)?;
     let stats = cowherd_unify::stats(&root, 0)?;
+    let mut mounts: std::collections::HashMap<String, MountState> =
+        cowherd_unify::mount_states(&root)?.into_iter().collect();
     #[derive(serde::Serialize)]
     struct Row {
         name: String,
+        mount: MountState,
         origin: cowherd_unify::Origin,
         created_unix: i64,
         files: u64,
@@ -265,6 +479,7 @@ fn list(root: &Path, json: bool) -> Result<u8> {
     for g in stats.guests {
         let record = cowherd_unify::guest_record(&root, &g.name)?;
         rows.push(Row {
+            mount: mounts.remove(&g.name).unwrap_or(MountState::Unmounted),
             name: g.name,
             origin: record.origin,
             created_unix: record.created_unix,
@@ -282,6 +497,13 @@ fn list(root: &Path, json: bool) -> Result<u8> {
             .map(|r| {
                 vec![
                     r.name.clone(),
+                    match &r.mount {
+                        MountState::Unmounted => "unmounted".into(),
+                        MountState::Mounted { path } => format!("mounted {}", path.display()),
+                        MountState::Foreign { path, why } => {
+                            format!("FOREIGN {} ({why})", path.display())
+                        }
+                    },
                     format!("{:?}", r.origin.kind).to_lowercase(),
                     r.files.to_string(),
                     r.linked_files.to_string(),
@@ -291,7 +513,9 @@ fn list(root: &Path, json: bool) -> Result<u8> {
             })
             .collect();
         fmt::table(
-            &["GUEST", "ORIGIN", "FILES", "LINKED", "LOGICAL", "UNIFIED"],
+            &[
+                "GUEST", "MOUNT", "ORIGIN", "FILES", "LINKED", "LOGICAL", "UNIFIED",
+            ],
             &cells,
         );
     }
@@ -307,7 +531,7 @@ fn unify(root: &Path, args: UnifyArgs, bars: &Bars) -> Result<u8> {
         max_links: args.max_links,
         list_paths: args.verbose,
     };
-    let report = cowherd_unify::unify(&root, &args.guests, &opts, bars).context("unify")?;
+    let report = cowherd_unify::unify(&root, &args.guests, &opts, bars)?;
     for failure in &report.failures {
         eprintln!("warning: {failure}");
     }
@@ -316,7 +540,7 @@ fn unify(root: &Path, args: UnifyArgs, bars: &Bars) -> Result<u8> {
     } else {
         print_unify(&report, args.verbose);
     }
-    if report.guests.is_empty() && report.failures.is_empty() {
+    if report.guests.is_empty() && report.failures.is_empty() && report.skipped_mounted.is_empty() {
         bail!(
             "no guests in {} (adopt one with `cowherd adopt PATH --name NAME`)",
             root.path().display()
@@ -368,8 +592,65 @@ fn print_unify(r: &UnifyReport, verbose: bool) {
             r.skipped_changed
         );
     }
+    if !r.skipped_mounted.is_empty() {
+        outln!(
+            "skipped {} mounted guests: {} (unify them at their next restart: `cowherd mount --fold`)",
+            r.skipped_mounted.len(),
+            r.skipped_mounted.join(", ")
+        );
+    }
     if !r.failures.is_empty() {
         outln!("{} failures (see warnings above)", r.failures.len());
+    }
+}
+
+fn print_memory(m: &cowherd_unify::MemoryStats) {
+    if m.mounted_guests.is_empty() {
+        outln!("no guest is mounted: nothing is read through the store now");
+        return;
+    }
+    outln!(
+        "{} mounted guests read {} shared objects; {} of them is in the page cache",
+        m.mounted_guests.len(),
+        m.objects,
+        fmt::bytes(m.resident_bytes)
+    );
+    outln!(
+        "page cache saved now: {} (what separate copies, cached as much, would take more)",
+        fmt::bytes(m.page_cache_saved_bytes)
+    );
+    let per_inode = m
+        .inode_object_bytes
+        .map(|b| {
+            format!(
+                ", {} of inode cache at {b} B an inode",
+                fmt::bytes(m.inode_cache_saved_bytes.unwrap_or(0))
+            )
+        })
+        .unwrap_or_default();
+    outln!(
+        "inodes behind their {} files: {} shared instead of {} ({} fewer{per_inode})",
+        m.files,
+        m.inodes,
+        m.inodes_unshared,
+        m.inodes_unshared.saturating_sub(m.inodes),
+    );
+    if !m.top.is_empty() {
+        outln!();
+        let rows: Vec<Vec<String>> = m
+            .top
+            .iter()
+            .map(|o| {
+                vec![
+                    o.object[..16].to_string(),
+                    o.guests.to_string(),
+                    fmt::bytes(o.resident_bytes),
+                    fmt::bytes(o.saved_bytes),
+                    o.example.clone(),
+                ]
+            })
+            .collect();
+        fmt::table(&["OBJECT", "GUESTS", "CACHED", "SAVED", "EXAMPLE"], &rows);
     }
 }
 

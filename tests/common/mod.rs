@@ -1412,3 +1412,169 @@ pub fn logical_physical_saved(v: &Value) -> (u64, u64, u64) {
     };
     (get("logical"), get("physical"), get("saved"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Overlay guests
+// ---------------------------------------------------------------------------------------------
+
+/// `$ROOT/guests/NAME/rootfs` (the overlay mount point of a guest not adopted in place).
+pub fn rootfs(root: &Path, name: &str) -> PathBuf {
+    root.join("guests").join(name).join("rootfs")
+}
+
+/// `$ROOT/guests/NAME/upper` (the guest's copy-on-write layer).
+pub fn upper(root: &Path, name: &str) -> PathBuf {
+    root.join("guests").join(name).join("upper")
+}
+
+/// Mount points a test mounts on; on drop each is unmounted lazily (`umount -l`), every mount
+/// stacked on it, also when the test panics. Register a path *before* mounting on it.
+#[derive(Default)]
+pub struct MountedGuests {
+    points: Vec<PathBuf>,
+}
+
+impl MountedGuests {
+    pub fn watch(&mut self, point: impl Into<PathBuf>) {
+        self.points.push(point.into());
+    }
+}
+
+impl Drop for MountedGuests {
+    fn drop(&mut self) {
+        for p in self.points.iter().rev() {
+            // EINVAL once nothing is mounted there any more.
+            for _ in 0..8 {
+                if nix::mount::umount2(p, MntFlags::MNT_DETACH).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A child process that is killed (SIGKILL) and reaped when the guard drops, also on panic.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    pub fn spawn(cmd: &mut std::process::Command) -> Self {
+        KillOnDrop(cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds; panics naming `what` after 10 s.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One mount of `/proc/self/mountinfo`.
+#[derive(Clone, Debug)]
+pub struct MountInfo {
+    pub point: PathBuf,
+    pub fstype: String,
+    /// Per-mount and per-superblock options, comma-joined.
+    pub options: String,
+}
+
+/// The mounts at `point` in this mount namespace, bottom first.
+pub fn mounts_at(point: &Path) -> Vec<MountInfo> {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    fn unescape(s: &str) -> PathBuf {
+        let (b, mut out, mut i) = (s.as_bytes(), Vec::new(), 0);
+        while i < b.len() {
+            let octal = (b[i] == b'\\')
+                .then(|| b.get(i + 1..i + 4))
+                .flatten()
+                .and_then(|o| u8::from_str_radix(std::str::from_utf8(o).ok()?, 8).ok());
+            if let Some(c) = octal {
+                out.push(c);
+                i += 4;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        PathBuf::from(OsStr::from_bytes(&out))
+    }
+    let table = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    table
+        .lines()
+        .filter_map(|line| {
+            let (mine, sb) = line.split_once(" - ")?;
+            let mine: Vec<&str> = mine.split(' ').collect();
+            let sb: Vec<&str> = sb.split(' ').collect();
+            Some(MountInfo {
+                point: unescape(mine.get(4)?),
+                fstype: sb.first()?.to_string(),
+                options: format!("{},{}", mine.get(5)?, sb.get(2).unwrap_or(&"")),
+            })
+        })
+        .filter(|m| m.point == point)
+        .collect()
+}
+
+/// The `"mount"` object of guest `name` in `cowherd list --json` (`{"state": "unmounted"}`,
+/// `{"state": "mounted", "path": …}` or `{"state": "foreign", "path": …, "why": …}`).
+pub fn listed_mount(root: &Path, name: &str) -> Value {
+    let list = run_json(cowherd(root).args(["list", "--json"]));
+    list.as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == name))
+        .map(|r| r["mount"].clone())
+        .unwrap_or_else(|| panic!("no guest {name} in `list --json`:\n{list:#}"))
+}
+
+/// Drops `p`'s pages from the page cache: fsync (so none is dirty), then
+/// `posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file.
+pub fn evict_page_cache(p: &Path) {
+    let f = File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync {}: {e}", p.display()));
+    nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap_or_else(|e| panic!("posix_fadvise DONTNEED {}: {e}", p.display()));
+}
+
+/// Bytes of `p` resident in the page cache, as `fincore --bytes --noheadings --output RES`
+/// (util-linux) reports them. Fails the test if fincore is missing.
+pub fn resident_bytes(p: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(p)
+        .output()
+        .unwrap_or_else(|e| panic!("run fincore (util-linux) on {}: {e}", p.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fincore {} failed: {}",
+        p.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.trim().parse().unwrap_or_else(|e| {
+        panic!(
+            "fincore {}: not a byte count ({e}): {stdout:?}",
+            p.display()
+        )
+    })
+}

@@ -70,15 +70,49 @@ pub enum Error {
         /// Its directory.
         path: PathBuf,
     },
-    /// A guest is mounted, so its lower layer must not change.
+    /// A guest is mounted, so its layers must not change.
     #[error(
-        "guest {name:?} is in use: {path} is mounted; unmount it first (changing a lower layer under a mounted overlay is undefined)"
+        "guest {name} is mounted at {path}; unmount it first (`cowherd umount {name}`), or fold and unify it at its next restart (`cowherd mount --fold {name}`)"
     )]
     Mounted {
         /// The guest.
         name: String,
-        /// The mount point found.
+        /// The mount found.
         path: PathBuf,
+    },
+    /// Processes (or mounts) keep a guest's overlay in use.
+    #[error("guest {name} is in use by {by}; stop those first")]
+    InUse {
+        /// The guest.
+        name: String,
+        /// What uses it: `pid 12 (nginx: open file), pid 40 (sh: cwd)`.
+        by: String,
+    },
+    /// A guest's mount point holds a mount cowherd did not make with its own options.
+    #[error(
+        "guest {name}: {path} is mounted, but not as cowherd mounts it ({why}); it is not trusted: unmount it (`cowherd umount {name}`) and run `cowherd mount {name}`"
+    )]
+    ForeignMount {
+        /// The guest.
+        name: String,
+        /// The mount point.
+        path: PathBuf,
+        /// What differs.
+        why: String,
+    },
+    /// The guest must be mounted for this.
+    #[error("guest {name} is not mounted; mount it first (`cowherd mount {name}`)")]
+    NotMounted {
+        /// The guest.
+        name: String,
+    },
+    /// A path overlayfs cannot take as a layer or mount point.
+    #[error("{path}: {why}")]
+    BadMountPath {
+        /// The path.
+        path: PathBuf,
+        /// Why, and what to do.
+        why: String,
     },
     /// A record or policy file could not be read.
     #[error("{path}: {message}")]

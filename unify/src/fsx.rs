@@ -3,7 +3,7 @@
 use std::ffi::OsStr;
 use std::ops::ControlFlow;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::AtFlags;
@@ -11,6 +11,22 @@ use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{FileStat, Mode};
 
 use crate::error::{Error, PathContext, Result};
+
+/// One extended attribute: name and value.
+pub(crate) type Xattr = (Vec<u8>, Vec<u8>);
+
+/// The unlock step of [`remove_tree`]: makes the entry `name` of directory `dir` unlinkable.
+pub(crate) type Unlock<'a> = dyn FnMut(BorrowedFd<'_>, &[u8], &Stat, &Path) -> Result<()> + 'a;
+
+/// The prefix of overlayfs's own xattrs (`trusted.overlay.opaque`, `.origin`, …).
+pub(crate) const OVERLAY_XATTR: &[u8] = b"trusted.overlay.";
+
+/// Whether an xattr is overlayfs's bookkeeping (`trusted.overlay.*`), which never belongs in a
+/// tree; but not a guest's own `trusted.overlay.*` xattr, which overlayfs keeps escaped as
+/// `trusted.overlay.overlay.*` in any layer and shows unescaped.
+pub(crate) fn is_overlay_bookkeeping(name: &[u8]) -> bool {
+    name.starts_with(OVERLAY_XATTR) && !name.starts_with(b"trusted.overlay.overlay.")
+}
 
 /// The stat fields cowherd compares and stores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,7 +216,7 @@ pub(crate) fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
 }
 
 /// Reads all extended attributes of an open file, sorted by name.
-pub(crate) fn read_xattrs(file: &std::fs::File) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+pub(crate) fn read_xattrs(file: &std::fs::File) -> std::io::Result<Vec<Xattr>> {
     use xattr::FileExt;
     let mut out = Vec::new();
     for name in file.list_xattr()? {
@@ -237,6 +253,182 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).at(&tmp)?;
     f.sync_all().at(&tmp)?;
     std::fs::rename(&tmp, path).at(path)
+}
+
+/// The names in directory `dir` (without `.` and `..`), read through a fresh open file
+/// description so that `dir`'s offset is left alone.
+pub(crate) fn read_names(dir: BorrowedFd<'_>) -> nix::Result<Vec<Vec<u8>>> {
+    let fd = open_beneath(dir, b"", OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+    let mut listing = nix::dir::Dir::from_fd(fd)?;
+    let mut names = Vec::new();
+    for entry in listing.iter() {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+/// A path naming the entry `name` of the open directory `dir`, for the path-only calls that
+/// take no directory fd (the `l*xattr` family): `/proc/self/fd/<dir>/<name>`. The kernel
+/// resolves the directory through its fd, and the `l*` calls do not follow `name` itself.
+pub(crate) fn entry_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    p.extend_from_slice(name);
+    PathBuf::from(std::ffi::OsString::from_vec(p))
+}
+
+/// The extended attributes of the entry `name` of `dir` (not following a symlink), sorted.
+pub(crate) fn xattrs_at(dir: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<Vec<Xattr>> {
+    let path = entry_path(dir, name);
+    let mut out = Vec::new();
+    for key in xattr::list(&path)? {
+        if let Some(value) = xattr::get(&path, &key)? {
+            out.push((key.as_bytes().to_vec(), value));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Removes the entry `name` of `dir` — with everything below it, if it is a directory —
+/// fd-relative, never following a symlink or crossing a mount point. When an unlink fails with
+/// `EPERM` (an immutable or append-only inode, or a directory so flagged), `unlock` is called
+/// for that entry and the unlink tried once more.
+///
+/// # Errors
+/// The first failure; the rest of the tree is still removed as far as it can be. A mount point
+/// below `name` is a failure (`EXDEV`), never entered.
+pub(crate) fn remove_tree(
+    dir: BorrowedFd<'_>,
+    shown: &Path,
+    name: &[u8],
+    unlock: &mut Unlock<'_>,
+) -> Result<()> {
+    use nix::unistd::{UnlinkatFlags, unlinkat};
+    let path = join(shown, name);
+    let st = match lstat_at(dir, name) {
+        Ok(st) => st,
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e).at(&path),
+    };
+    let mut first = None;
+    let how = if st.is_dir() {
+        let sub = open_dir_beneath(dir, shown, name)?;
+        // An immutable or append-only directory keeps its entries: unlock it first.
+        let guards = (crate::sys::FS_IMMUTABLE_FL | crate::sys::FS_APPEND_FL) as libc::c_int;
+        if crate::sys::get_flags(&sub).is_ok_and(|f| f & guards != 0) {
+            unlock(dir, name, &st, &path)?;
+        }
+        let children = read_names(sub.as_fd()).at(&path)?;
+        for child in children {
+            let done = remove_tree(sub.as_fd(), &path, &child, unlock);
+            if let (Err(e), None) = (done, &first) {
+                first = Some(e);
+            }
+        }
+        UnlinkatFlags::RemoveDir
+    } else {
+        UnlinkatFlags::NoRemoveDir
+    };
+    let unlink = || unlinkat(dir, OsStr::from_bytes(name), how);
+    let done = match unlink() {
+        Err(nix::errno::Errno::EPERM) => {
+            unlock(dir, name, &st, &path).and_then(|()| unlink().at(&path))
+        }
+        other => other.at(&path),
+    };
+    match (first, done) {
+        (Some(e), _) | (None, Err(e)) => Err(e),
+        (None, Ok(())) => Ok(()),
+    }
+}
+
+/// Gives directory `fd` the owner, xattrs, mode and mtime of `st`, in that order (a chown
+/// may clear mode bits, an ACL xattr sets some). `xattrs` replace the directory's own, except
+/// overlayfs's bookkeeping ([`is_overlay_bookkeeping`]), which never belongs to a tree: it is
+/// left out, and removed if present.
+pub(crate) fn set_dir_metadata(
+    fd: BorrowedFd<'_>,
+    st: &Stat,
+    xattrs: &[Xattr],
+) -> std::io::Result<()> {
+    use xattr::FileExt;
+    let file = std::fs::File::from(fd.try_clone_to_owned()?);
+    nix::unistd::fchown(fd, Some(st.uid.into()), Some(st.gid.into()))?;
+    let wanted: Vec<&Xattr> = xattrs
+        .iter()
+        .filter(|(k, _)| !is_overlay_bookkeeping(k))
+        .collect();
+    for key in file.list_xattr()? {
+        if !wanted.iter().any(|(k, _)| k.as_slice() == key.as_bytes()) {
+            file.remove_xattr(&key)?;
+        }
+    }
+    for (key, value) in wanted {
+        if file.get_xattr(OsStr::from_bytes(key))?.as_deref() != Some(value.as_slice()) {
+            file.set_xattr(OsStr::from_bytes(key), value)?;
+        }
+    }
+    nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(st.mode & 0o7777))?;
+    set_mtime(fd, st.mtime_ns)?;
+    Ok(())
+}
+
+/// Copies the content of `src` (from its start) to `out`, keeping holes: blocks of zeros are
+/// skipped, not written. Returns the BLAKE3 hash of the content.
+///
+/// # Errors
+/// Read and write errors.
+pub(crate) fn copy_content(
+    src: &std::fs::File,
+    out: &mut std::fs::File,
+    size: u64,
+) -> std::io::Result<[u8; 32]> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut reader = src;
+    reader.seek(SeekFrom::Start(0))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        if buf[..n].iter().all(|&b| b == 0) {
+            out.seek(SeekFrom::Current(n as i64))?;
+        } else {
+            out.write_all(&buf[..n])?;
+        }
+    }
+    out.set_len(size)?;
+    Ok(*hasher.finalize().as_bytes())
+}
+
+/// Gives the open file `out` an owner, mode, xattrs and mtime, in that order (a chown clears
+/// setuid bits and capabilities).
+///
+/// # Errors
+/// The failing call's error.
+pub(crate) fn set_file_metadata(
+    out: &std::fs::File,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    xattrs: &[Xattr],
+    mtime_ns: i64,
+) -> std::io::Result<()> {
+    use xattr::FileExt;
+    nix::unistd::fchown(out, Some(uid.into()), Some(gid.into()))?;
+    nix::sys::stat::fchmod(out, Mode::from_bits_truncate(mode & 0o7777))?;
+    for (k, v) in xattrs {
+        out.set_xattr(OsStr::from_bytes(k), v)?;
+    }
+    set_mtime(out, mtime_ns)?;
+    Ok(())
 }
 
 /// What [`walk_tree`] meets.

@@ -1,20 +1,38 @@
-//! Guests: the `guest.toml` record, adoption of an existing tree, listing, and opening a guest
-//! for unification (its base directory fd, mount check and marker policy).
+//! Guests: the on-disk layout of one guest, the `guest.toml` record, adoption of an existing
+//! tree, listing, the offline check, and opening a guest for unification (its base directory fd
+//! and marker policy).
+//!
+//! ```text
+//! guests/<name>/
+//! ├── guest.toml   the record: origin, hostname, mount point (adopt --in-place), marker policy
+//! ├── base/        overlay lower layer: the guest's tree; unified files are store hardlinks
+//! ├── upper/       overlay upper layer: what the guest changed (copies up, new files,
+//! │                whiteouts); private to the guest, emptied into base/ by `fold`
+//! ├── work/        overlayfs work directory (emptied by `fold`)
+//! ├── rootfs/      the overlay's mount point, unless the record names another
+//! └── tmp/         scratch of fold and split (new names, trash, the old upper); never part of
+//!                  what the guest sees, emptied by the next fold, split or destroy
+//! ```
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::OFlag;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, PathContext, Result};
 use crate::fsx;
+use crate::mountinfo::{MountEntry, MountTable, overlay_layers};
 use crate::policy::{Policy, PolicyFile, load_policy_file, read_dpkg_conffiles};
 use crate::root::HostRoot;
+use crate::store;
 
 /// Suffix of a guest directory whose adoption has not finished (`guests/.NAME.adopting`).
 const ADOPTING: &str = ".adopting";
+/// Suffix of a guest directory being destroyed (`guests/.NAME.destroying`).
+pub(crate) const DESTROYING: &str = ".destroying";
 
 /// Where a guest came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +67,13 @@ pub struct GuestRecord {
     pub name: String,
     /// When the guest was created (seconds since the epoch).
     pub created_unix: i64,
+    /// Its hostname inside `cowherd exec` (default: its name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Where its overlay is mounted when that is not `guests/<name>/rootfs`: the path its
+    /// runtime expects (set by `adopt --in-place`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_point: Option<PathBuf>,
     /// Where it came from.
     pub origin: Origin,
     /// Per-guest marker rules, tried before the root's `policy.toml`.
@@ -71,6 +96,54 @@ impl GuestRecord {
 
     fn to_toml(&self) -> String {
         toml::to_string(self).expect("a guest record always serializes")
+    }
+
+    /// Writes the record to `path` atomically.
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub(crate) fn save(&self, path: &Path) -> Result<()> {
+        fsx::write_atomic(path, self.to_toml().as_bytes())
+    }
+
+    /// The hostname a command run in the guest sees.
+    pub fn hostname(&self) -> &str {
+        self.hostname.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// The paths of one guest's directory (the picture at the top of this module).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestPaths {
+    /// `guests/<name>`.
+    pub dir: PathBuf,
+    /// The lower layer.
+    pub base: PathBuf,
+    /// The upper layer.
+    pub upper: PathBuf,
+    /// The overlay work directory.
+    pub work: PathBuf,
+    /// Where the overlay is mounted: `rootfs/`, or the record's mount point.
+    pub mount_point: PathBuf,
+    /// Scratch of fold and split.
+    pub tmp: PathBuf,
+}
+
+impl GuestPaths {
+    /// The paths of guest `name` of `root`, with its record's mount point.
+    pub fn new(root: &HostRoot, record: &GuestRecord) -> GuestPaths {
+        let dir = root.guests_dir().join(&record.name);
+        GuestPaths {
+            base: dir.join("base"),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            mount_point: record
+                .mount_point
+                .clone()
+                .unwrap_or_else(|| dir.join("rootfs")),
+            tmp: dir.join("tmp"),
+            dir,
+        }
     }
 }
 
@@ -100,18 +173,23 @@ fn now_unix() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Moves the tree at `src` into `guests/<name>/base` by `rename` and records it.
+/// Moves the tree at `src` into `guests/<name>/base` by `rename` and records it. With
+/// `in_place`, `src` becomes the guest's mount point: an empty directory is left there and its
+/// path recorded, so a runtime configured for `src` finds the guest's overlay where it looked
+/// before.
 ///
 /// # Algorithm
 /// The guest directory is built as `guests/.<name>.adopting` (record, `upper/`, `work/`,
 /// `rootfs/`), the tree is renamed into it as `base`, then the directory is renamed to
-/// `guests/<name>`. A run killed in between is completed by the next writer.
+/// `guests/<name>`, then (`in_place`) an empty directory is made at `src`. A run killed in
+/// between is completed by the next writer.
 ///
 /// # Errors
 /// [`Error::BadGuestName`], [`Error::GuestExists`], [`Error::Symlink`] if `src` is a
 /// symlink, [`Error::NotADirectory`], [`Error::CrossFilesystem`] if `src` is not on the
-/// root's filesystem (adopt never copies), [`Error::Io`].
-pub fn adopt(root: &HostRoot, src: &Path, name: &str) -> Result<GuestRecord> {
+/// root's filesystem (adopt never copies), [`Error::BadRecord`] for a directory inside or
+/// above the root (or, `in_place`, a path that is not UTF-8), [`Error::Io`].
+pub fn adopt(root: &HostRoot, src: &Path, name: &str, in_place: bool) -> Result<GuestRecord> {
     validate_guest_name(name)?;
     let st = fsx::lstat_path(src)?;
     if st.mode & libc::S_IFMT == libc::S_IFLNK {
@@ -150,9 +228,18 @@ pub fn adopt(root: &HostRoot, src: &Path, name: &str) -> Result<GuestRecord> {
     for (dir, mode) in [("upper", 0o755), ("work", 0o700), ("rootfs", 0o755)] {
         fsx::ensure_dir(&staging.join(dir), mode)?;
     }
+    if in_place && abs.to_str().is_none() {
+        return Err(Error::BadRecord {
+            path: abs,
+            message: "a mount point recorded in guest.toml must be UTF-8; rename the directory"
+                .into(),
+        });
+    }
     let record = GuestRecord {
         name: name.to_string(),
         created_unix: now_unix(),
+        hostname: None,
+        mount_point: in_place.then(|| abs.clone()),
         origin: Origin {
             kind: OriginKind::Adopted,
             path: Some(abs.to_string_lossy().into_owned()),
@@ -160,7 +247,7 @@ pub fn adopt(root: &HostRoot, src: &Path, name: &str) -> Result<GuestRecord> {
         },
         policy: None,
     };
-    fsx::write_atomic(&staging.join("guest.toml"), record.to_toml().as_bytes())?;
+    record.save(&staging.join("guest.toml"))?;
     std::fs::rename(&abs, staging.join("base")).map_err(|e| {
         if e.raw_os_error() == Some(libc::EXDEV) {
             Error::CrossFilesystem {
@@ -182,8 +269,17 @@ pub fn adopt(root: &HostRoot, src: &Path, name: &str) -> Result<GuestRecord> {
         nix::fcntl::RenameFlags::RENAME_NOREPLACE,
     )
     .at(&dest)?;
+    make_mount_point(&record)?;
     root.index.guest_id(name)?;
     Ok(record)
+}
+
+/// Makes the empty directory an in-place guest is mounted on, if it is missing.
+fn make_mount_point(record: &GuestRecord) -> Result<()> {
+    match &record.mount_point {
+        Some(p) if std::fs::symlink_metadata(p).is_err() => fsx::ensure_dir(p, 0o755),
+        _ => Ok(()),
+    }
 }
 
 /// Finishes or undoes adoptions a killed run left in `guests/.NAME.adopting`.
@@ -204,10 +300,88 @@ pub(crate) fn recover_adoptions(root: &HostRoot) -> Result<()> {
         if std::fs::symlink_metadata(staging.join("base")).is_ok() {
             if std::fs::symlink_metadata(dir.join(name)).is_err() {
                 std::fs::rename(&staging, dir.join(name)).at(&staging)?;
+                make_mount_point(&GuestRecord::load(&dir.join(name).join("guest.toml"))?)?;
             }
         } else {
             std::fs::remove_dir_all(&staging).at(&staging)?;
         }
+    }
+    Ok(())
+}
+
+/// Removes `guests/<doomed>` and puts back the immutable flags cleared on the way.
+pub(crate) fn remove_doomed(root: &HostRoot, doomed: &str) -> Result<()> {
+    let result = fsx::remove_tree(
+        root.guests_fd(),
+        &root.guests_dir(),
+        doomed.as_bytes(),
+        &mut |dir, name, st, shown| store::unlock_entry(root, dir, name, st, shown),
+    );
+    if let Some(e) = store::restore_immutable(root)?.into_iter().next() {
+        return Err(e);
+    }
+    result
+}
+
+/// Finishes destroys a killed run left (`guests/.NAME.destroying`).
+pub(crate) fn recover_destroys(root: &HostRoot) -> Result<()> {
+    let dir = root.guests_dir();
+    for entry in std::fs::read_dir(&dir).at(&dir)? {
+        let name = entry.at(&dir)?.file_name();
+        if let Some(name) = name.to_str()
+            && name.starts_with('.')
+            && name.ends_with(DESTROYING)
+        {
+            remove_doomed(root, name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets the inode flags of the `flags` journal rows (of one guest, or all) on the base entries
+/// they name, removes the `protattr` xattr that carried them in the upper layer, and drops the
+/// rows. An entry that is gone drops its row.
+///
+/// # Errors
+/// Index errors, and setting a flag failing otherwise than by the entry being gone.
+pub(crate) fn apply_flag_journal(root: &HostRoot, guest_id: Option<i64>) -> Result<()> {
+    let idx = &root.index;
+    let rows: Vec<(i64, String, Vec<u8>, i64)> = {
+        let mut stmt = idx
+            .conn
+            .prepare(
+                "SELECT j.id, g.name, j.path, j.value FROM journal j JOIN guests g ON g.id = j.guest_id
+                 WHERE j.op = 'flags' AND (?1 IS NULL OR j.guest_id = ?1)",
+            )
+            .map_err(|e| idx.err(e))?;
+        stmt.query_map([guest_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| idx.err(e))?
+    };
+    for (id, name, rel, bits) in rows {
+        let mut path = format!("{name}/base").into_bytes();
+        if !rel.is_empty() {
+            path.push(b'/');
+            path.extend_from_slice(&rel);
+        }
+        let shown = fsx::join(&root.guests_dir(), &path);
+        let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW;
+        match fsx::open_beneath(root.guests_fd(), &path, flags) {
+            Ok(fd) => {
+                let file = std::fs::File::from(fd);
+                match xattr::FileExt::remove_xattr(&file, "trusted.overlay.protattr") {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+                    Err(e) => return Err(e).at(&shown),
+                }
+                crate::sys::add_flags(&file, bits as libc::c_long).at(&shown)?;
+            }
+            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ELOOP) => {}
+            Err(e) => return Err(e).at(shown),
+        }
+        idx.exec("DELETE FROM journal WHERE id = ?1", [id])?;
     }
     Ok(())
 }
@@ -290,7 +464,8 @@ impl OpenGuest {
 /// # Errors
 /// [`Error::NoSuchGuest`], [`Error::Symlink`] if the guest's directory or base is a
 /// symlink, [`Error::CrossFilesystem`] if its base is on another filesystem (a mount),
-/// [`Error::Mounted`] if the guest is in use, policy errors naming the file.
+/// policy errors naming the file. Whether the guest is offline is the caller's to check
+/// ([`check_offline`]): reading base is safe while it is mounted, changing it is not.
 pub(crate) fn open_guest(root: &HostRoot, name: &str) -> Result<OpenGuest> {
     let record = guest_record(root, name)?;
     let rel = format!("{name}/base");
@@ -298,7 +473,6 @@ pub(crate) fn open_guest(root: &HostRoot, name: &str) -> Result<OpenGuest> {
     let base_fd = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), rel.as_bytes())?;
     let st = fsx::fstat(&base_fd).at(&base_path)?;
     root.check_same_fs(&st, &base_path)?;
-    check_not_mounted(&root.guests_dir().join(name), name)?;
 
     let default = load_policy_file(&root.policy_path())?;
     let guest_policy = record.policy.clone().unwrap_or_default();
@@ -328,51 +502,38 @@ pub(crate) fn open_guest(root: &HostRoot, name: &str) -> Result<OpenGuest> {
     })
 }
 
-/// Refuses a guest any part of which is a mount point, or whose base is an overlay's lower layer.
-fn check_not_mounted(guest_dir: &Path, name: &str) -> Result<()> {
-    let info = "/proc/self/mountinfo";
-    let text = std::fs::read(info).at(info)?;
-    let guest = guest_dir.as_os_str().as_bytes();
-    let base = guest_dir.join("base");
-    let base = base.as_os_str().as_bytes();
-    for line in text.split(|&b| b == b'\n') {
-        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-        let Some(mount_point) = fields.get(4).map(|f| unescape_mountinfo(f)) else {
-            continue;
-        };
-        let inside = mount_point.starts_with(guest)
-            && (mount_point.len() == guest.len() || mount_point[guest.len()] == b'/');
-        let lower = fields
-            .last()
-            .is_some_and(|opts| opts.windows(base.len()).any(|w| w == base));
-        if inside || lower {
-            return Err(Error::Mounted {
-                name: name.to_string(),
-                path: PathBuf::from(OsStr::from_bytes(&mount_point)),
+/// Refuses a guest that is in use: a mount at or below its directory or at its mount point (its
+/// overlay, say), or an overlay in any mount namespace of the host that has one of its
+/// directories as a layer (a copy of its overlay held by a process in another namespace).
+/// Changing a lower layer under a mounted overlay is undefined (kernel docs), and so is
+/// changing an upper layer directly.
+///
+/// # Errors
+/// [`Error::Mounted`] naming the mount, [`Error::InUse`] naming a process of the other
+/// namespace.
+pub(crate) fn check_offline(
+    root: &HostRoot,
+    record: &GuestRecord,
+    table: &MountTable,
+) -> Result<()> {
+    let paths = GuestPaths::new(root, record);
+    let mounted = |name: &str, path: &Path| Error::Mounted {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+    };
+    let uses = |m: &MountEntry| overlay_layers(m).iter().any(|l| l.starts_with(&paths.dir));
+    for m in &table.own {
+        if m.mount_point.starts_with(&paths.dir) || m.mount_point == paths.mount_point || uses(m) {
+            return Err(mounted(&record.name, &m.mount_point));
+        }
+    }
+    for (process, mounts) in &table.others {
+        if mounts.iter().any(uses) {
+            return Err(Error::InUse {
+                name: record.name.clone(),
+                by: format!("{process}, whose mount namespace holds its overlay"),
             });
         }
     }
     Ok(())
-}
-
-/// Decodes the `\ooo` escapes of /proc/self/mountinfo.
-fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        if field[i] == b'\\'
-            && i + 4 <= field.len()
-            && field[i + 1..i + 4]
-                .iter()
-                .all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (field[i + 1] - b'0') * 64 + (field[i + 2] - b'0') * 8 + (field[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(field[i]);
-            i += 1;
-        }
-    }
-    out
 }

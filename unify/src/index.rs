@@ -68,6 +68,7 @@ CREATE INDEX IF NOT EXISTS objects_ino ON objects(ino);
 -- Work in flight, replayed by the next run after a crash:
 --   op 'dir':     guest_id, path = directory, value = its mtime_ns before we touched it
 --   op 'mutable': path = object name whose immutable flag is cleared for linking
+--   op 'flags':   guest_id, path = base entry, value = inode flags to set (fold)
 CREATE TABLE IF NOT EXISTS journal(
     id INTEGER PRIMARY KEY,
     op TEXT NOT NULL,

@@ -4,14 +4,18 @@
 
 mod candidates;
 mod error;
+mod fold;
 mod fsx;
 mod guest;
 mod hash;
 mod index;
 mod key;
+mod lifecycle;
 mod maintain;
+mod memory;
 mod mountinfo;
 mod open;
+mod overlay;
 mod plan;
 mod policy;
 mod progress;
@@ -26,13 +30,21 @@ mod sys;
 mod unify;
 
 pub use error::{Error, Result};
+pub use fold::{FoldAction, FoldEntry, FoldOptions, FoldReport, fold};
 pub use guest::{
-    GuestRecord, Origin, OriginKind, adopt, guest_names, guest_record, validate_guest_name,
+    GuestPaths, GuestRecord, Origin, OriginKind, adopt, guest_names, guest_record,
+    validate_guest_name,
 };
+pub use lifecycle::{DestroyReport, ExportReport, SplitReport, destroy, export, split};
 pub use maintain::{
     GcReport, GuestStats, Problem, Stats, TopObject, Totals, VerifyReport, gc, stats, verify,
 };
+pub use memory::{MemoryObject, MemoryStats, memory_stats};
 pub use mountinfo::{MountEntry, parse_mountinfo, read_mountinfo};
+pub use overlay::{
+    Holder, MountOutcome, MountState, OVERLAY_OPTIONS, UmountOutcome, mount, mount_state,
+    mount_states, mounted_rootfs, systemd_unit, umount,
+};
 pub use policy::{
     DEFAULT_POLICY_TOML, Marker, Policy, PolicyError, PolicyFile, Rule, load_policy_file,
     parse_conffiles, read_dpkg_conffiles,

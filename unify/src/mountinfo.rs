@@ -1,11 +1,13 @@
-//! `/proc/<pid>/mountinfo`: one mount a line, parsed into [`MountEntry`].
+//! `/proc/<pid>/mountinfo`: one mount a line, parsed into [`MountEntry`]; and the mount table
+//! of every mount namespace on the host ([`MountTable`]), to tell whether a guest's layers are
+//! in use anywhere.
 //!
 //! A line is `id parent major:minor root mount-point mount-options [optional…] - fstype source
 //! super-options`; paths and option values escape space, tab, newline, backslash (and, in
 //! super options, `,` and `=`) as `\ooo` octal.
 
 use std::ffi::{OsStr, OsString};
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 /// One mount of a mount namespace.
@@ -121,11 +123,116 @@ pub fn read_mountinfo(file: &Path) -> std::io::Result<Vec<MountEntry>> {
     std::fs::read(file).map(|text| parse_mountinfo(&text))
 }
 
+/// A process, as named in messages: pid and command name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Process {
+    /// Its pid (in the host's pid namespace).
+    pub pid: i32,
+    /// Its command name (`/proc/<pid>/comm`).
+    pub command: String,
+}
+
+impl Process {
+    /// Reads the command name of `pid` (empty if it is gone).
+    pub(crate) fn of(pid: i32) -> Process {
+        let command = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim_end().to_string())
+            .unwrap_or_default();
+        Process { pid, command }
+    }
+}
+
+impl std::fmt::Display for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} ({})", self.pid, self.command)
+    }
+}
+
+/// The pids of every process on the host, from `/proc`.
+pub(crate) fn all_pids() -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The mounts of this process's mount namespace, and of every other mount namespace that a
+/// process on the host is in.
+#[derive(Debug, Default)]
+pub(crate) struct MountTable {
+    /// This process's namespace.
+    pub own: Vec<MountEntry>,
+    /// Every other namespace: a process in it, and its mounts.
+    pub others: Vec<(Process, Vec<MountEntry>)>,
+}
+
+impl MountTable {
+    /// This namespace only.
+    ///
+    /// # Errors
+    /// Reading `/proc/self/mountinfo`.
+    pub fn own() -> std::io::Result<MountTable> {
+        Ok(MountTable {
+            own: read_mountinfo(Path::new("/proc/self/mountinfo"))?,
+            others: Vec::new(),
+        })
+    }
+
+    /// This namespace and every other one (a process that exits meanwhile is skipped).
+    ///
+    /// # Errors
+    /// Reading `/proc/self/mountinfo`.
+    pub fn all() -> std::io::Result<MountTable> {
+        use std::os::unix::fs::MetadataExt;
+        let mut table = MountTable::own()?;
+        let ns = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino());
+        let mut seen = std::collections::HashSet::new();
+        if let Ok(own) = ns("self") {
+            seen.insert(own);
+        }
+        for pid in all_pids() {
+            let Ok(ino) = ns(&pid.to_string()) else {
+                continue;
+            };
+            if !seen.insert(ino) {
+                continue;
+            }
+            if let Ok(mounts) = read_mountinfo(Path::new(&format!("/proc/{pid}/mountinfo"))) {
+                table.others.push((Process::of(pid), mounts));
+            }
+        }
+        Ok(table)
+    }
+}
+
+/// The layers of an overlay mount: every `lowerdir` entry, `upperdir` and `workdir`.
+pub(crate) fn overlay_layers(m: &MountEntry) -> Vec<PathBuf> {
+    if m.fstype != "overlay" {
+        return Vec::new();
+    }
+    let mut layers = Vec::new();
+    for (key, value) in &m.super_options {
+        let Some(value) = value else { continue };
+        match key.as_str() {
+            "lowerdir" | "lowerdir+" | "datadir+" => layers.extend(
+                value
+                    .as_bytes()
+                    .split(|&b| b == b':')
+                    .filter(|l| !l.is_empty())
+                    .map(|l| PathBuf::from(OsStr::from_bytes(l))),
+            ),
+            "upperdir" | "workdir" => layers.push(PathBuf::from(value)),
+            _ => {}
+        }
+    }
+    layers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::os::unix::ffi::OsStrExt;
 
     const OVERLAY: &[u8] = b"44 27 0:39 / /var/lib/cowherd/guests/web\\04001/rootfs rw,relatime shared:9 - overlay cowherd rw,lowerdir=/var/lib/cowherd/guests/web\\04001/base,upperdir=/u,workdir=/w,index=on,userxattr\n";
 

@@ -110,11 +110,7 @@ pub(crate) fn plan(
         }
     }
     for name in &planner.touched_immutable {
-        idx.exec(
-            "INSERT INTO journal(op, path) SELECT 'mutable', ?1
-             WHERE NOT EXISTS(SELECT 1 FROM journal WHERE op = 'mutable' AND path = ?1)",
-            [name.as_bytes()],
-        )?;
+        store::journal_mutable(root, name)?;
     }
     tx.commit().map_err(|e| idx.err(e))?;
     // Journalled and committed: now the flags may come off for linking.

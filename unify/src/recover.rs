@@ -16,7 +16,8 @@ use crate::store::{self, TEMP_PREFIX};
 /// Repairs what a killed run left behind.
 ///
 /// # Algorithm
-/// * `guests/.NAME.adopting` with a `base` is renamed to `guests/NAME`, without one removed.
+/// * `guests/.NAME.adopting` with a `base` is renamed to `guests/NAME`, without one removed;
+///   `guests/.NAME.destroying` is removed; the `chattr` flags a fold journalled are set.
 /// * Each journalled directory is listed; every `.cowherd~…` entry whose inode is a store
 ///   object's (per the index, confirmed on the object itself) is unlinked — it is a second name
 ///   of a store object, never guest data. Object rows are committed before any replacement;
@@ -28,6 +29,8 @@ use crate::store::{self, TEMP_PREFIX};
 /// Index errors and I/O errors other than "gone".
 pub(crate) fn recover(root: &HostRoot) -> Result<()> {
     recover_adoptions(root)?;
+    crate::guest::recover_destroys(root)?;
+    crate::guest::apply_flag_journal(root, None)?;
     let idx = &root.index;
     let rows: Vec<(i64, Option<i64>, Vec<u8>, i64)> = {
         let mut stmt = idx
@@ -66,19 +69,6 @@ pub(crate) fn recover(root: &HostRoot) -> Result<()> {
     Ok(())
 }
 
-/// The name of the store object recorded with `st`'s inode, if any.
-fn object_with_inode(root: &HostRoot, st: &fsx::Stat) -> Result<Option<String>> {
-    root.index
-        .conn
-        .query_row(
-            "SELECT name FROM objects WHERE ino = ?1",
-            [st.ino as i64],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(|e| root.index.err(e))
-}
-
 /// Removes our temporary links from one guest directory and restores its mtime.
 fn clean_dir(root: &HostRoot, guest: &str, dir: &[u8], mtime: i64) -> Result<()> {
     let mut rel = format!("{guest}/base").into_bytes();
@@ -101,15 +91,9 @@ fn clean_dir(root: &HostRoot, guest: &str, dir: &[u8], mtime: i64) -> Result<()>
         let Ok(ours) = fsx::lstat_at(fd.as_fd(), name) else {
             continue;
         };
-        // Ours only if the index names a store object with this very inode.
-        let Some(object) = object_with_inode(root, &ours)? else {
-            continue;
-        };
-        let object = object.as_str();
-        let Ok(obj) = fsx::lstat_at(root.objects_fd(), store::object_rel(object).as_bytes()) else {
-            continue;
-        };
-        if ours.ino == obj.ino && ours.dev == obj.dev {
+        // Ours only if it is a second name of a store object.
+        if let Some(object) = store::object_of_inode(root, &ours)? {
+            let object = object.as_str();
             let immutable = store::object_is_immutable(root, object).unwrap_or(false);
             if immutable {
                 store::set_object_immutable(root, object, false)?;

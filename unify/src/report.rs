@@ -121,6 +121,8 @@ pub struct UnifyReport {
     pub saved_bytes: u64,
     /// Files left alone because they changed between hashing and linking.
     pub skipped_changed: u64,
+    /// Guests left alone because they are mounted (with all guests selected).
+    pub skipped_mounted: Vec<String>,
     /// Files or guests that failed; the run went on without them.
     pub failures: Vec<Failure>,
     /// Wall-clock seconds per phase (scan, hash, plan, link).

@@ -13,7 +13,7 @@ use nix::sys::stat::Mode;
 use rusqlite::{OptionalExtension, params};
 
 use crate::error::{Error, PathContext, Result};
-use crate::fsx::{self, Stat};
+use crate::fsx::{self, Stat, Xattr};
 use crate::key::KeyParts;
 use crate::policy::Marker;
 use crate::root::HostRoot;
@@ -227,10 +227,9 @@ pub(crate) fn copy_in(
     spec: &ObjectSpec<'_>,
     seq: u32,
     src: &std::fs::File,
-    xattrs: &[(Vec<u8>, Vec<u8>)],
+    xattrs: &[Xattr],
     mtime_ns: i64,
 ) -> Result<Object> {
-    use std::io::{Read, Seek, SeekFrom, Write};
     let name = spec.name(seq);
     ensure_fanout_dir(root, &name)?;
     let tmp_name = format!("{name}.{}", std::process::id());
@@ -244,39 +243,15 @@ pub(crate) fn copy_in(
     .at(&tmp_shown)?;
     let mut out = std::fs::File::from(fd);
     let result = (|| -> Result<()> {
-        let mut reader = src;
-        reader.seek(SeekFrom::Start(0)).at(&tmp_shown)?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = reader.read(&mut buf).at(&tmp_shown)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            if buf[..n].iter().all(|&b| b == 0) {
-                out.seek(SeekFrom::Current(n as i64)).at(&tmp_shown)?;
-            } else {
-                out.write_all(&buf[..n]).at(&tmp_shown)?;
-            }
-        }
-        out.set_len(spec.parts.size).at(&tmp_shown)?;
-        if hasher.finalize().as_bytes() != &spec.parts.chash {
+        let hash = fsx::copy_content(src, &mut out, spec.parts.size).at(&tmp_shown)?;
+        if hash != spec.parts.chash {
             return Err(Error::Io {
                 path: tmp_shown.clone(),
                 error: std::io::Error::other("source changed while it was copied into the store"),
             });
         }
         let p = spec.parts;
-        nix::unistd::fchown(&out, Some(p.uid.into()), Some(p.gid.into())).at(&tmp_shown)?;
-        nix::sys::stat::fchmod(&out, Mode::from_bits_truncate(p.mode & 0o7777)).at(&tmp_shown)?;
-        {
-            use xattr::FileExt;
-            for (k, v) in xattrs {
-                out.set_xattr(OsStr::from_bytes(k), v).at(&tmp_shown)?;
-            }
-        }
-        fsx::set_mtime(&out, mtime_ns).at(&tmp_shown)?;
+        fsx::set_file_metadata(&out, p.uid, p.gid, p.mode, xattrs, mtime_ns).at(&tmp_shown)?;
         out.sync_all().at(&tmp_shown)?;
         let rel = object_rel(&name);
         nix::unistd::linkat(
@@ -321,6 +296,60 @@ pub(crate) fn set_object_immutable(root: &HostRoot, name: &str, on: bool) -> Res
 pub(crate) fn object_is_immutable(root: &HostRoot, name: &str) -> Result<bool> {
     let fd = open_object(root, name)?;
     sys::is_immutable(fd.as_fd()).at(root.objects_dir().join(object_rel(name)))
+}
+
+/// Journals (committed) that the immutable flag of object `name` is being cleared, so that
+/// [`restore_immutable`] sets it again, also after a crash.
+pub(crate) fn journal_mutable(root: &HostRoot, name: &str) -> Result<()> {
+    root.index.exec(
+        "INSERT INTO journal(op, path) SELECT 'mutable', ?1
+         WHERE NOT EXISTS(SELECT 1 FROM journal WHERE op = 'mutable' AND path = ?1)",
+        [name.as_bytes()],
+    )?;
+    Ok(())
+}
+
+/// The name of the store object whose inode `st` is, if any (per the index, confirmed on the
+/// object itself).
+pub(crate) fn object_of_inode(root: &HostRoot, st: &Stat) -> Result<Option<String>> {
+    let name: Option<String> = root
+        .index
+        .conn
+        .query_row(
+            "SELECT name FROM objects WHERE ino = ?1",
+            [st.ino as i64],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| root.index.err(e))?;
+    Ok(name.filter(|n| {
+        fsx::lstat_at(root.objects_fd(), object_rel(n).as_bytes())
+            .is_ok_and(|o| o.ino == st.ino && o.dev == st.dev)
+    }))
+}
+
+/// Makes the entry `name` of `dir` (of inode `st`) unlinkable: clears its immutable and
+/// append-only flags. For a store object — shared with other guests — the clearing is
+/// journalled first and [`restore_immutable`] puts the flag back; any other inode is the
+/// caller's to delete and keeps its flags cleared.
+///
+/// # Errors
+/// Index errors, and [`Error::Io`] naming `shown` if the flags cannot be cleared.
+pub(crate) fn unlock_entry(
+    root: &HostRoot,
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    st: &Stat,
+    shown: &std::path::Path,
+) -> Result<()> {
+    if let Some(object) = object_of_inode(root, st)? {
+        journal_mutable(root, &object)?;
+        return set_object_immutable(root, &object, false);
+    }
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW;
+    let fd = fsx::open_beneath(dir, name, flags).at(shown)?;
+    sys::clear_unlink_guards(&fd).at(shown)?;
+    Ok(())
 }
 
 /// Sets the immutable flag again on every object whose `mutable` journal row says it was

@@ -1,10 +1,13 @@
-//! The one module with `unsafe`: the inode-flag ioctls (`FS_IOC_GETFLAGS` / `FS_IOC_SETFLAGS`).
+//! The one module with `unsafe`: the inode-flag ioctls (`FS_IOC_GETFLAGS` / `FS_IOC_SETFLAGS`)
+//! and the page-cache residency of a file (`mmap` + `mincore`).
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd};
 
 /// `FS_IMMUTABLE_FL` from `linux/fs.h`: the inode cannot be modified, renamed, linked or unlinked.
 pub(crate) const FS_IMMUTABLE_FL: libc::c_long = 0x0000_0010;
+/// `FS_APPEND_FL`: the inode can only be appended to, not renamed, linked or unlinked.
+pub(crate) const FS_APPEND_FL: libc::c_long = 0x0000_0020;
 
 // The kernel defines these ioctls with `long` in the type but reads and writes an `int`.
 nix::ioctl_read!(fs_ioc_getflags, b'f', 1, libc::c_long);
@@ -42,4 +45,54 @@ pub(crate) fn set_immutable(fd: impl AsFd, on: bool) -> nix::Result<bool> {
         set_flags(fd, if on { flags | flag } else { flags & !flag })?;
     }
     Ok(was)
+}
+
+/// Sets the flags of `mask` (besides those already set).
+pub(crate) fn add_flags(fd: impl AsFd, mask: libc::c_long) -> nix::Result<()> {
+    let fd = fd.as_fd();
+    let flags = get_flags(fd)?;
+    let wanted = flags | mask as libc::c_int;
+    if wanted != flags {
+        set_flags(fd, wanted)?;
+    }
+    Ok(())
+}
+
+/// Clears `FS_IMMUTABLE_FL` and `FS_APPEND_FL`, the flags that forbid unlinking; returns
+/// whether either was set.
+pub(crate) fn clear_unlink_guards(fd: impl AsFd) -> nix::Result<bool> {
+    let fd = fd.as_fd();
+    let flags = get_flags(fd)?;
+    let guards = (FS_IMMUTABLE_FL | FS_APPEND_FL) as libc::c_int;
+    if flags & guards == 0 {
+        return Ok(false);
+    }
+    set_flags(fd, flags & !guards)?;
+    Ok(true)
+}
+
+/// Bytes of the open file `fd` (of `size` bytes) resident in the page cache right now: the
+/// file is mapped (read-only, shared; no page is faulted in) and `mincore(2)` reports each
+/// page.
+pub(crate) fn resident_bytes(fd: impl AsFd, size: u64) -> nix::Result<u64> {
+    use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+    let Some(len) = std::num::NonZeroUsize::new(size as usize) else {
+        return Ok(0);
+    };
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)?.unwrap_or(4096) as usize;
+    let pages = len.get().div_ceil(page);
+    // SAFETY: a fresh read-only shared mapping of a file we hold open; nothing reads through
+    // it, and it is unmapped before returning.
+    let addr = unsafe { mmap(None, len, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, fd, 0) }?;
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `addr` maps `len` bytes; `vec` has one byte per page of them.
+    let rc = unsafe { libc::mincore(addr.as_ptr(), len.get(), vec.as_mut_ptr()) };
+    let result = nix::errno::Errno::result(rc).map(|_| {
+        let resident = vec.iter().filter(|&&v| v & 1 != 0).count() as u64;
+        let last_partial = (len.get() % page != 0 && vec[pages - 1] & 1 != 0) as u64;
+        resident * page as u64 - last_partial * (page - len.get() % page) as u64
+    });
+    // SAFETY: `addr` and `len` are the mapping made above.
+    unsafe { munmap(addr, len.get()) }?;
+    result
 }

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 
 use crate::candidates::build_candidates;
-use crate::error::{Error, Result};
-use crate::guest::{OpenGuest, guest_names, open_guest};
+use crate::error::{Error, PathContext, Result};
+use crate::guest::{OpenGuest, check_offline, guest_names, guest_record, open_guest};
 use crate::hash::{Stage, hash_stage};
+use crate::mountinfo::MountTable;
 use crate::plan::{PlanOptions, list_planned, plan, planned_savings};
 use crate::progress::{Phase, Progress};
 use crate::replace::replace_all;
@@ -63,8 +64,12 @@ impl Default for UnifyOptions {
 ///    The replaced inode is held open across the rename and closed on closer threads, so
 ///    freeing it (slow on a filesystem mounted with `discard`) overlaps the next renames.
 ///
+/// Guests must be offline (not mounted, see `check_offline`): named guests that are not make
+/// the run fail before it starts; with all guests, mounted ones are skipped and listed in
+/// `skipped_mounted`.
+///
 /// # Errors
-/// Fatal errors (index, store, a guest that cannot be opened when it is the only one) are
+/// Fatal errors (index, store, a named guest that cannot be opened or is mounted) are
 /// returned; a failure on one file is recorded in the report and the file skipped.
 pub fn unify(
     root: &HostRoot,
@@ -85,11 +90,21 @@ pub fn unify(
     if all {
         root.index.prune_guests(&names)?;
     }
+    let table = MountTable::all().at("/proc/self/mountinfo")?;
     let mut guests = Vec::new();
     for name in &names {
-        match open_guest(root, name) {
+        let opened = guest_record(root, name).and_then(|record| {
+            let guest = open_guest(root, name)?;
+            check_offline(root, &record, &table)?;
+            Ok(guest)
+        });
+        match opened {
             Ok(g) => guests.push(g),
-            Err(e) if names.len() == 1 => return Err(e),
+            // A host always has running guests: --all leaves them for their next restart.
+            Err(Error::Mounted { .. } | Error::InUse { .. }) if all => {
+                report.skipped_mounted.push(name.clone());
+            }
+            Err(e) if !all => return Err(e),
             Err(e) => report.failures.push(Failure::guest(name, e.to_string())),
         }
     }

@@ -1,0 +1,304 @@
+//! The life of a guest: mount, umount, and the offline verbs around them.
+
+use std::path::Path;
+
+use anyhow::Result;
+use cowherd_unify::{
+    FoldAction, FoldOptions, FoldReport, HostRoot, MountOutcome, MountState, UmountOutcome,
+    UnifyOptions,
+};
+use serde::Serialize;
+
+use crate::EXIT_PARTIAL;
+use crate::bars::Bars;
+use crate::fmt;
+
+/// The guests a command acts on: the named ones, or every guest with `all`.
+fn selected(root: &HostRoot, names: &[String], all: bool) -> Result<Vec<String>> {
+    Ok(if all {
+        cowherd_unify::guest_names(root)?
+    } else {
+        names.to_vec()
+    })
+}
+
+/// Runs `f` for each guest. One named guest: its error is the command's error (exit 1). Several:
+/// each failure is reported on stderr and the others go on; the exit code says so (3).
+fn each_guest<T>(
+    names: &[String],
+    mut f: impl FnMut(&str) -> Result<T>,
+) -> Result<(Vec<(String, T)>, u8)> {
+    let mut done = Vec::new();
+    let mut code = 0;
+    for name in names {
+        match f(name) {
+            Ok(t) => done.push((name.clone(), t)),
+            Err(e) if names.len() == 1 => return Err(e),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                code = EXIT_PARTIAL;
+            }
+        }
+    }
+    Ok((done, code))
+}
+
+/// One guest's line of `mount --json` / `umount --json`.
+#[derive(Serialize)]
+struct Done<T: Serialize> {
+    guest: String,
+    outcome: T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<std::path::PathBuf>,
+}
+
+fn mounted_at(root: &HostRoot, name: &str) -> Option<std::path::PathBuf> {
+    match cowherd_unify::mount_state(root, name) {
+        Ok(MountState::Mounted { path } | MountState::Foreign { path, .. }) => Some(path),
+        _ => None,
+    }
+}
+
+pub fn mount(
+    root: &HostRoot,
+    names: &[String],
+    all: bool,
+    fold: bool,
+    json: bool,
+    bars: &Bars,
+) -> Result<u8> {
+    let names = selected(root, names, all)?;
+    let (done, code) = each_guest(&names, |name| {
+        if fold {
+            crate::lifecycle::fold_and_unify(root, name, bars)?;
+        }
+        Ok(cowherd_unify::mount(root, name)?)
+    })?;
+    let rows: Vec<Done<MountOutcome>> = done
+        .into_iter()
+        .map(|(guest, outcome)| Done {
+            path: mounted_at(root, &guest),
+            guest,
+            outcome,
+        })
+        .collect();
+    if json {
+        crate::print_json(&rows)?;
+    } else {
+        for r in &rows {
+            let shown = r.path.as_deref().unwrap_or(Path::new("?")).display();
+            match r.outcome {
+                MountOutcome::Mounted => outln!("mounted {} at {shown}", r.guest),
+                MountOutcome::AlreadyMounted => {
+                    outln!("{} is mounted already at {shown}", r.guest)
+                }
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// `mount --fold`: folds and unifies an unmounted guest; a mounted one is left as it is (its
+/// changes are folded at its next restart).
+pub fn fold_and_unify(root: &HostRoot, name: &str, bars: &Bars) -> Result<()> {
+    if cowherd_unify::mount_state(root, name)? != MountState::Unmounted {
+        eprintln!("note: {name} is mounted; not folded (umount it first)");
+        return Ok(());
+    }
+    let folded = cowherd_unify::fold(root, name, &FoldOptions::default())?;
+    print_fold(&folded);
+    if !folded.failures.is_empty() {
+        anyhow::bail!("guest {name} was not folded completely (see the errors above); not mounted");
+    }
+    let names = [name.to_string()];
+    let unified = cowherd_unify::unify(root, &names, &UnifyOptions::default(), bars)?;
+    for failure in &unified.failures {
+        eprintln!("warning: {failure}");
+    }
+    outln!(
+        "unified {name}: linked {} files, saved {}",
+        unified.linked_files,
+        fmt::bytes(unified.saved_bytes)
+    );
+    Ok(())
+}
+
+/// Prints one guest's fold report (its failures on stderr).
+fn print_fold(r: &FoldReport) {
+    let would = if r.dry_run { "would " } else { "" };
+    for e in &r.entries {
+        let verb = match e.action {
+            FoldAction::Move => "move",
+            FoldAction::Delete => "delete",
+            FoldAction::Create => "create",
+            FoldAction::Update => "update",
+            FoldAction::Replace => "replace",
+        };
+        outln!("{would}{verb} {}:{} ({})", r.guest, e.path, e.kind);
+    }
+    for f in &r.failures {
+        eprintln!("error: {f}");
+    }
+    outln!(
+        "{}folded {}: {} files moved ({}), {} deleted, {} directories{}",
+        if r.dry_run { "would have " } else { "" },
+        r.guest,
+        r.moved,
+        fmt::bytes(r.moved_bytes),
+        r.deleted,
+        r.directories,
+        if r.upper_emptied {
+            "; upper emptied"
+        } else if r.dry_run {
+            ""
+        } else {
+            "; upper kept (not everything could be folded)"
+        }
+    );
+}
+
+pub fn fold(
+    root: &HostRoot,
+    names: &[String],
+    all: bool,
+    opts: &FoldOptions,
+    json: bool,
+) -> Result<u8> {
+    let (names, skipped) = offline_guests(root, names, all)?;
+    let (done, mut code) = each_guest(&names, |name| Ok(cowherd_unify::fold(root, name, opts)?))?;
+    if done.iter().any(|(_, r)| !r.failures.is_empty()) {
+        code = EXIT_PARTIAL;
+    }
+    let reports: Vec<FoldReport> = done.into_iter().map(|(_, r)| r).collect();
+    if json {
+        crate::print_json(&reports)?;
+    } else {
+        reports.iter().for_each(print_fold);
+        skipped_note(&skipped, "fold");
+    }
+    Ok(code)
+}
+
+/// With `all`, every guest that is not mounted, and the mounted ones apart: a host always has
+/// running guests, and `--all` leaves them for their next restart.
+fn offline_guests(
+    root: &HostRoot,
+    names: &[String],
+    all: bool,
+) -> Result<(Vec<String>, Vec<String>)> {
+    if !all {
+        return Ok((names.to_vec(), Vec::new()));
+    }
+    let (mounted, offline): (Vec<_>, Vec<_>) = cowherd_unify::mount_states(root)?
+        .into_iter()
+        .partition(|(_, s)| *s != MountState::Unmounted);
+    Ok((
+        offline.into_iter().map(|(n, _)| n).collect(),
+        mounted.into_iter().map(|(n, _)| n).collect(),
+    ))
+}
+
+fn skipped_note(skipped: &[String], verb: &str) {
+    if !skipped.is_empty() {
+        outln!(
+            "skipped {} mounted guests: {} ({verb} them at their next restart: `cowherd mount --fold`)",
+            skipped.len(),
+            skipped.join(", ")
+        );
+    }
+}
+
+pub fn umount(root: &HostRoot, names: &[String], all: bool, json: bool) -> Result<u8> {
+    let names = selected(root, names, all)?;
+    let (done, code) = each_guest(&names, |name| {
+        let path = mounted_at(root, name);
+        let outcome = cowherd_unify::umount(root, name)?;
+        Ok((outcome, path))
+    })?;
+    let rows: Vec<Done<UmountOutcome>> = done
+        .into_iter()
+        .map(|(guest, (outcome, path))| Done {
+            guest,
+            outcome,
+            path,
+        })
+        .collect();
+    if json {
+        crate::print_json(&rows)?;
+    } else {
+        for r in &rows {
+            match (&r.outcome, &r.path) {
+                (UmountOutcome::Unmounted, Some(p)) => {
+                    outln!("unmounted {} from {}", r.guest, p.display())
+                }
+                _ => outln!("{} is not mounted", r.guest),
+            }
+        }
+    }
+    Ok(code)
+}
+
+pub fn split(root: &HostRoot, guest: &str, paths: &[String], json: bool) -> Result<u8> {
+    let r = cowherd_unify::split(root, guest, paths)?;
+    if json {
+        crate::print_json(&r)?;
+    } else {
+        for p in &r.split {
+            outln!("split {guest}:{p}");
+        }
+        for p in &r.already_private {
+            outln!("{guest}:{p} is private already");
+        }
+        for f in &r.failures {
+            eprintln!("error: {f}");
+        }
+        for rule in &r.rules_added {
+            outln!("added `{rule}` to {guest}'s policy (guest.toml)");
+        }
+        outln!(
+            "split {} files of {guest} ({} copied)",
+            r.split.len(),
+            fmt::bytes(r.copied_bytes)
+        );
+    }
+    Ok(if r.failures.is_empty() {
+        0
+    } else {
+        EXIT_PARTIAL
+    })
+}
+
+pub fn export(root: &HostRoot, guest: &str, dest: &Path, tar: bool, json: bool) -> Result<u8> {
+    if cowherd_unify::mount_state(root, guest)? != MountState::Unmounted {
+        eprintln!(
+            "note: {guest} is mounted: exporting what it shows now; files it changes meanwhile may be caught half-written (umount it for a consistent copy)"
+        );
+    }
+    let r = cowherd_unify::export(root, guest, dest, tar)?;
+    if json {
+        crate::print_json(&r)?;
+    } else if dest != Path::new("-") {
+        outln!(
+            "exported {guest} to {} ({})",
+            dest.display(),
+            if tar { "tarball" } else { "directory" }
+        );
+    }
+    Ok(0)
+}
+
+pub fn destroy(root: &HostRoot, guest: &str, json: bool) -> Result<u8> {
+    let r = cowherd_unify::destroy(root, guest)?;
+    if json {
+        crate::print_json(&r)?;
+    } else {
+        outln!("destroyed {guest}; `cowherd gc` removes the store objects only it used");
+        if let Some(p) = &r.mount_point_left {
+            outln!(
+                "its mount point {} is left for its runtime's configuration",
+                p.display()
+            );
+        }
+    }
+    Ok(0)
+}

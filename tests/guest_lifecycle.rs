@@ -1,0 +1,330 @@
+//! The offline verbs of a guest's life: `split` (private copies back), `export` (the merged view
+//! as a tree or tarball), `destroy` (then `gc`), their refusal of a mounted guest, and
+//! `stats --memory` on mounted guests.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// Mounts `names` with `cowherd mount`; the guard unmounts them on drop, also on panic.
+fn mount(root: &Path, names: &[&str]) -> MountedGuests {
+    let mut guard = MountedGuests::default();
+    for n in names {
+        guard.watch(rootfs(root, n));
+    }
+    cowherd(root).arg("mount").args(names).assert().success();
+    guard
+}
+
+/// Two guests sharing /usr files, one immutable path, and a file only g1 has twice.
+fn pair_guest(dir: &Path, variant: u32) {
+    let mut t = TreeBuilder::new(dir);
+    t.file("usr/bin/tool", &content("tool", 30_000))
+        .file("usr/lib/libx.so", &content("libx", 70_000))
+        .file("usr/share/doc/a", &content("doc-a", 5_000))
+        .file("usr/share/doc/b", &content("doc-b", 6_000))
+        .file("usr/sbin/daemon", &content("daemon", 20_000))
+        .file("etc/hostname", format!("pair-{variant}\n").as_bytes())
+        .dir("proc", 0o555);
+    if variant == 1 {
+        // Twice in g1 only: an object no other guest uses.
+        t.file("opt/own/one", &content("own", 9_000))
+            .file("opt/own/two", &content("own", 9_000));
+    }
+    t.finish();
+}
+
+fn pair_root(s: &Scratch) -> PathBuf {
+    let root = init_root(s.path());
+    let mut policy = fs::read_to_string(root.join("policy.toml")).unwrap();
+    policy = policy.replacen("rules = [", "rules = [\n  \"immutable /usr/sbin/**\",", 1);
+    fs::write(root.join("policy.toml"), policy).unwrap();
+    adopt_built(&root, s.path(), "g1", |d| pair_guest(d, 1));
+    adopt_built(&root, s.path(), "g2", |d| pair_guest(d, 2));
+    cowherd(&root).args(["unify", "--all"]).assert().success();
+    root
+}
+
+#[test]
+fn split_gives_a_private_copy_and_the_next_unify_leaves_it_alone() {
+    assert_root();
+    let s = Scratch::new("split");
+    let root = pair_root(&s);
+    let (b1, b2) = (base(&root, "g1"), base(&root, "g2"));
+    let tool = |b: &Path| ino(&b.join("usr/bin/tool"));
+    assert_eq!(tool(&b1), tool(&b2), "unify shared /usr/bin/tool");
+    let daemon_object = store_inodes(&root)[&ino(&b1.join("usr/sbin/daemon"))].clone();
+    assert!(is_immutable(&daemon_object.path));
+    let before = manifest(&b1);
+
+    let report = run_json(cowherd(&root).args([
+        "split",
+        "g1",
+        "/usr/bin/tool",
+        "/usr/sbin",
+        "/usr/share/doc",
+        "--json",
+    ]));
+    let split: Vec<&str> = report["split"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        split,
+        [
+            "/usr/bin/tool",
+            "/usr/sbin/daemon",
+            "/usr/share/doc/a",
+            "/usr/share/doc/b"
+        ]
+    );
+    // Same bytes and metadata, directory mtimes included; now private inodes.
+    assert_same_content_and_metadata(&before, &manifest(&b1));
+    for rel in [
+        "usr/bin/tool",
+        "usr/sbin/daemon",
+        "usr/share/doc/a",
+        "usr/share/doc/b",
+    ] {
+        assert_eq!(nlink(&b1.join(rel)), 1, "{rel} is still shared");
+        assert!(
+            !is_immutable(&b1.join(rel)),
+            "{rel}: a private copy is mutable"
+        );
+        assert!(
+            store_inodes(&root).contains_key(&ino(&b2.join(rel))),
+            "g2's {rel} must stay shared"
+        );
+    }
+    assert!(
+        is_immutable(&daemon_object.path),
+        "the object keeps its flag"
+    );
+    let record = fs::read_to_string(root.join("guests/g1/guest.toml")).unwrap();
+    for rule in [
+        "private /usr/bin/tool",
+        "private /usr/sbin/**",
+        "private /usr/share/doc/**",
+    ] {
+        assert!(record.contains(rule), "{rule} missing in:\n{record}");
+    }
+
+    // The next unify does not share them again.
+    cowherd(&root).args(["unify", "--all"]).assert().success();
+    assert_ne!(tool(&b1), tool(&b2));
+    assert_eq!(nlink(&b1.join("usr/bin/tool")), 1);
+    assert!(
+        root.join("guests/g1/tmp").symlink_metadata().is_err(),
+        "tmp/ is left behind"
+    );
+}
+
+/// `tar -x` as the export's reader would run it.
+fn untar(tarball: &Path, into: &Path) {
+    fs::create_dir_all(into).unwrap();
+    let status = Command::new("tar")
+        .args([
+            "--extract",
+            "--same-owner",
+            "--preserve-permissions",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--acls",
+            "--file",
+        ])
+        .arg(tarball)
+        .arg("--directory")
+        .arg(into)
+        .status()
+        .expect("GNU tar runs");
+    assert!(status.success());
+}
+
+#[test]
+fn export_of_a_unified_changed_guest_holds_its_merged_view() {
+    assert_root();
+    let s = Scratch::new("export");
+    let root = init_root(s.path());
+    for (i, name) in ["g1", "g2"].iter().enumerate() {
+        adopt_built(&root, s.path(), name, |d| rich_guest(d, i as u32 + 1));
+    }
+    cowherd(&root).args(["unify", "--all"]).assert().success();
+    let merged = {
+        let _m = mount(&root, &["g1"]);
+        let r = rootfs(&root, "g1");
+        fs::write(r.join("usr/new-file"), content("new", 12_345)).unwrap();
+        fs::remove_file(r.join("etc/hostname")).unwrap();
+        let shared = files_under(&r.join("usr/share")).remove(0);
+        fs::write(&shared, b"changed in place").unwrap();
+        set_owner_mode(&r.join("usr"), 0, 0, 0o750);
+        let merged = manifest(&r);
+
+        // A mounted guest is read through its mount.
+        let out = s.join("running");
+        cowherd(&root)
+            .args(["export", "g1"])
+            .arg(&out)
+            .assert()
+            .success();
+        assert_same_content_and_metadata(&merged, &manifest(&out));
+        merged
+    };
+
+    // An unmounted one through a read-only view of its two layers, left unmounted after.
+    let tarball = s.join("g1.tar");
+    cowherd(&root)
+        .args(["export", "g1", "--tar"])
+        .arg(&tarball)
+        .assert()
+        .success();
+    let unpacked = s.join("unpacked");
+    untar(&tarball, &unpacked);
+    assert_same_content_and_metadata(&merged, &manifest(&unpacked));
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(root.join("guests/g1").to_str().unwrap()),
+        "a view stayed mounted"
+    );
+
+    // An existing destination is refused.
+    let out = cowherd(&root)
+        .args(["export", "g1"])
+        .arg(&unpacked)
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&out, 1);
+    assert!(err.contains("exists"), "{err}");
+}
+
+#[test]
+fn destroy_removes_the_guest_and_gc_reclaims_only_its_objects() {
+    assert_root();
+    let s = Scratch::new("destroy");
+    let root = pair_root(&s);
+    let b2 = base(&root, "g2");
+    let own = store_inodes(&root)[&ino(&base(&root, "g1").join("opt/own/one"))].clone();
+    let daemon = store_inodes(&root)[&ino(&b2.join("usr/sbin/daemon"))].clone();
+    let g2_before = manifest(&b2);
+
+    cowherd(&root).args(["destroy", "g1"]).assert().success();
+    assert!(!root.join("guests/g1").exists());
+    let names = guest_names(&run_json(cowherd(&root).args(["list", "--json"])));
+    assert_eq!(names.into_iter().collect::<Vec<_>>(), ["g2"]);
+    // g1 linked the immutable object too: its flag is back.
+    assert!(is_immutable(&daemon.path));
+    assert_same_content_and_metadata(&g2_before, &manifest(&b2));
+
+    let gc = run_json(cowherd(&root).args(["gc", "--json"]));
+    let removed: Vec<&str> = gc["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let own_name = own.path.file_name().unwrap().to_str().unwrap();
+    assert_eq!(
+        removed,
+        [own_name],
+        "gc removes exactly the object only g1 used"
+    );
+    assert!(daemon.path.exists());
+}
+
+#[test]
+fn a_destroy_killed_halfway_is_finished_by_the_next_writer() {
+    assert_root();
+    let s = Scratch::new("destroy-crash");
+    let root = pair_root(&s);
+    // What a destroy killed after its rename leaves: the guest under its doomed name.
+    fs::rename(root.join("guests/g1"), root.join("guests/.g1.destroying")).unwrap();
+    cowherd(&root).args(["gc", "--dry-run"]).assert().success();
+    assert!(!root.join("guests/.g1.destroying").exists());
+    let daemon = store_inodes(&root)[&ino(&base(&root, "g2").join("usr/sbin/daemon"))].clone();
+    assert!(is_immutable(&daemon.path));
+}
+
+#[test]
+fn split_fold_destroy_and_unify_refuse_a_mounted_guest() {
+    assert_root();
+    let s = Scratch::new("refuse");
+    let root = pair_root(&s);
+    let _m = mount(&root, &["g1"]);
+    let before = (manifest(&base(&root, "g1")), inode_map(&base(&root, "g1")));
+    for args in [
+        &["split", "g1", "/usr/bin/tool"][..],
+        &["fold", "g1"],
+        &["destroy", "g1"],
+        &["unify", "g1"],
+    ] {
+        let out = cowherd(&root).args(args).output().unwrap();
+        let err = assert_one_line_error(&out, 1);
+        assert!(
+            err.contains("guests/g1/rootfs") && err.contains("cowherd umount g1"),
+            "`cowherd {args:?}` must name the mount and the fix: {err}"
+        );
+    }
+    assert_eq!(
+        (manifest(&base(&root, "g1")), inode_map(&base(&root, "g1"))),
+        before
+    );
+    assert!(root.join("guests/g1").exists());
+}
+
+#[test]
+fn stats_memory_counts_the_page_cache_shared_by_mounted_guests() {
+    assert_root();
+    let s = Scratch::new("memory");
+    let root = init_root(s.path());
+    const BIG: usize = 4 << 20;
+    for name in ["m1", "m2", "m3"] {
+        adopt_built(&root, s.path(), name, |d| {
+            let mut t = TreeBuilder::new(d);
+            t.file("usr/lib/big.so", &content("big", BIG))
+                .file("usr/bin/small", &content("small", 8_000))
+                .file(format!("etc/{name}"), b"x");
+            t.finish();
+        });
+    }
+    cowherd(&root).args(["unify", "--all"]).assert().success();
+    let object = store_inodes(&root)[&ino(&base(&root, "m1").join("usr/lib/big.so"))].clone();
+    let none = run_json(cowherd(&root).args(["stats", "--memory", "--json"]));
+    assert_eq!(none["mounted_guests"], serde_json::json!([]));
+
+    let _m = mount(&root, &["m1", "m2", "m3"]);
+    evict_page_cache(&object.path);
+    for g in ["m1", "m2", "m3"] {
+        fs::read(rootfs(&root, g).join("usr/lib/big.so")).unwrap();
+    }
+    let stats = run_json(cowherd(&root).args(["stats", "--memory", "--json"]));
+    let top = &stats["top"][0];
+    assert_eq!(
+        top["object"],
+        object.path.file_name().unwrap().to_str().unwrap()
+    );
+    assert_eq!(top["guests"], 3);
+    // Read through three overlays, cached once (a page or two may be reclaimed meanwhile).
+    let resident = top["resident_bytes"].as_u64().unwrap();
+    assert!(
+        resident >= BIG as u64 * 15 / 16 && resident <= BIG as u64,
+        "{stats}"
+    );
+    assert_eq!(
+        top["saved_bytes"].as_u64().unwrap(),
+        2 * resident,
+        "{stats}"
+    );
+    assert!(stats["page_cache_saved_bytes"].as_u64().unwrap() >= 2 * resident);
+    assert!(stats["inodes"].as_u64().unwrap() < stats["inodes_unshared"].as_u64().unwrap());
+
+    // A guest that copied the file up reads its own copy: the object loses a reader.
+    fs::write(rootfs(&root, "m3").join("usr/lib/big.so"), b"mine").unwrap();
+    let stats = run_json(cowherd(&root).args(["stats", "--memory", "--json"]));
+    assert_eq!(stats["top"][0]["guests"], 2);
+}
