@@ -119,11 +119,89 @@ pub fn run(keep: Option<PathBuf>, guests: usize, json: bool, bars: &Bars) -> Res
     for failure in &report.failures {
         eprintln!("warning: {failure}");
     }
+    overlay_tour(&root, &names, &stats, json)?;
     Ok(if report.failures.is_empty() {
         0
     } else {
         crate::EXIT_PARTIAL
     })
+}
+
+/// Unmounts the demo's guests however the tour ends.
+struct Unmount<'a>(&'a HostRoot, &'a [String]);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        for name in self.1 {
+            let _ = cowherd_unify::umount(self.0, name);
+        }
+    }
+}
+
+/// The second half of the demo: two guests on their overlays, a write to a shared file in one
+/// (copied up: the other guest and the store object keep their bytes), the page cache they
+/// share, then the write folded into base.
+fn overlay_tour(
+    root: &HostRoot,
+    names: &[String],
+    stats: &cowherd_unify::Stats,
+    json: bool,
+) -> Result<()> {
+    let (Some(top), [a, b, ..]) = (stats.top.first(), names) else {
+        return Ok(());
+    };
+    let path = top
+        .example
+        .split_once(':')
+        .map_or("", |(_, p)| p)
+        .trim_start_matches('/');
+    let pair = [a.clone(), b.clone()];
+    let _unmount = Unmount(root, &pair);
+    let mut rootfs = Vec::new();
+    for name in &pair {
+        cowherd_unify::mount(root, name)?;
+        rootfs.push(cowherd_unify::mounted_rootfs(root, name)?);
+    }
+    let object = root.objects_dir().join(&top.object[..2]).join(&top.object);
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let (before_b, before_object) = (read(&rootfs[1].join(path))?, read(&object)?);
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(rootfs[0].join(path))
+        .with_context(|| format!("opening {path} in {a}"))?;
+    std::io::Write::write_all(&mut file, b"# changed by the demo\n")?;
+    drop(file);
+    let unchanged = read(&rootfs[1].join(path))? == before_b && read(&object)? == before_object;
+    if !unchanged {
+        bail!("a write through {a}'s overlay reached {b} or the store: this is a bug");
+    }
+    let memory = cowherd_unify::memory_stats(root, 0)?;
+    for name in &pair {
+        cowherd_unify::umount(root, name)?;
+    }
+    let folded = cowherd_unify::fold(root, a, &cowherd_unify::FoldOptions::default())?;
+    if !json {
+        outln!();
+        outln!(
+            "overlays: mounted {a} and {b}; appended to /{path} through {a}: it was copied up into \
+             {a}'s upper layer, and {b}'s /{path} and the store object kept their bytes"
+        );
+        outln!(
+            "page cache now: {} of shared objects cached once for both guests, {} saved",
+            fmt::bytes(memory.resident_bytes),
+            fmt::bytes(memory.page_cache_saved_bytes)
+        );
+        outln!(
+            "fold {a}: {} moved down into base{}",
+            folded.moved,
+            if folded.upper_emptied {
+                "; upper layer empty again"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
 }
 
 fn _tmp_kept(root: &Path) -> bool {

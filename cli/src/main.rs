@@ -226,7 +226,8 @@ are shared, immutable paths are shared and get the inode's immutable flag."
         #[arg(long)]
         json: bool,
     },
-    /// Build near-identical synthetic guests in a temporary root, unify them, show the savings.
+    /// Build near-identical synthetic guests in a temporary root, unify them, show the savings,
+    /// then mount two, write through one, and fold it.
     Demo {
         /// Build the demo root in DIR (must not exist or be empty) and keep it.
         #[arg(long, value_name = "DIR")]
