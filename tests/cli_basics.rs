@@ -75,13 +75,14 @@ fn init_creates_the_layout_and_is_idempotent() {
 fn help_of_every_command_mentions_its_options() {
     let top = help_of(&[]);
     for word in [
-        "init", "adopt", "list", "unify", "stats", "verify", "gc", "demo", "--root", "--quiet",
+        "init", "adopt", "list", "unify", "stats", "verify", "gc", "demo", "mount", "umount",
+        "unit", "exec", "fold", "split", "export", "destroy", "--root", "--quiet",
     ] {
         assert!(top.contains(word), "`cowherd --help` lacks {word}:\n{top}");
     }
     let expect: &[(&str, &[&str])] = &[
         ("init", &[]),
-        ("adopt", &["--name"]),
+        ("adopt", &["--name", "--in-place"]),
         ("list", &["--json"]),
         (
             "unify",
@@ -95,7 +96,15 @@ fn help_of_every_command_mentions_its_options() {
                 "-v",
             ],
         ),
-        ("stats", &["--json", "--top"]),
+        ("stats", &["--json", "--top", "--memory"]),
+        ("mount", &["--all", "--fold", "--json", "index=off"]),
+        ("umount", &["--all", "--json"]),
+        ("unit", &["--fold"]),
+        ("exec", &["COMMAND", "125"]),
+        ("fold", &["--all", "--dry-run", "--json", "--verbose"]),
+        ("split", &["--json"]),
+        ("export", &["--tar", "--json"]),
+        ("destroy", &["--json"]),
         ("verify", &["--json"]),
         ("gc", &["--dry-run", "--json"]),
         ("demo", &["--keep", "--guests"]),
@@ -497,4 +506,29 @@ fn a_writing_command_tightens_an_old_open_root() {
     assert_eq!(mode_of(&root.join("store")), 0o700);
     assert_eq!(mode_of(&root.join("guests")), 0o700);
     assert_eq!(mode_of(&root.join("index.db")), 0o600);
+}
+
+#[test]
+fn demo_runs_end_to_end_and_leaves_no_mount_behind() {
+    assert_root();
+    let s = Scratch::new("demo");
+    let dir = s.join("demo");
+    let out = cowherd_no_root()
+        .args(["demo", "--guests", "3", "--keep"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("kept their bytes"), "{stdout}");
+    assert!(stdout.contains("upper layer empty again"), "{stdout}");
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(dir.to_str().unwrap()),
+        "the demo left a mount behind"
+    );
 }

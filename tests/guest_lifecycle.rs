@@ -328,3 +328,73 @@ fn stats_memory_counts_the_page_cache_shared_by_mounted_guests() {
     let stats = run_json(cowherd(&root).args(["stats", "--memory", "--json"]));
     assert_eq!(stats["top"][0]["guests"], 2);
 }
+
+#[test]
+fn exec_runs_inside_the_mounted_guest_with_its_hostname_and_files() {
+    assert_root();
+    let s = Scratch::new("exec");
+    let root = init_root(s.path());
+    adopt_built(&root, s.path(), "web7", |d| {
+        minimal_userland(d, &["/bin/sh", "/bin/cat", "/bin/ls", "/bin/hostname"]);
+        fs::create_dir_all(d.join("etc")).unwrap();
+        fs::write(d.join("etc/marker"), b"inside web7\n").unwrap();
+    });
+    let out = cowherd(&root)
+        .args(["exec", "web7", "--", "sh", "-c", "cat /etc/marker"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "an unmounted guest cannot run anything"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cowherd mount web7"));
+
+    let _m = mount(&root, &["web7"]);
+    let host_only = s.join("host-only");
+    fs::write(&host_only, b"host").unwrap();
+    let script = format!(
+        "hostname; cat /etc/marker; echo pid $$; echo $(ls /proc); \
+         cat {} 2>/dev/null || echo no host file; echo guest-wrote > /etc/written",
+        host_only.display()
+    );
+    let out = cowherd(&root)
+        .args(["exec", "web7", "--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[..3], ["web7", "inside web7", "pid 1"], "{stdout}");
+    let pids: Vec<&str> = lines[3]
+        .split(' ')
+        .filter(|e| e.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    assert!(
+        pids.contains(&"1") && pids.len() <= 3,
+        "its own /proc shows only its namespace: {pids:?}"
+    );
+    assert_eq!(lines[4], "no host file", "{stdout}");
+    // Its write went through the overlay into the guest's upper layer.
+    assert_eq!(
+        fs::read(upper(&root, "web7").join("etc/written")).unwrap(),
+        b"guest-wrote\n"
+    );
+    assert!(!base(&root, "web7").join("etc/written").exists());
+    assert_ne!(
+        nix::unistd::gethostname().unwrap(),
+        "web7",
+        "the host's hostname changed"
+    );
+    let code = cowherd(&root)
+        .args(["exec", "web7", "--", "sh", "-c", "exit 7"])
+        .output()
+        .unwrap()
+        .status
+        .code();
+    assert_eq!(code, Some(7), "the command's exit code comes through");
+}

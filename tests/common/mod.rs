@@ -1578,3 +1578,28 @@ pub fn resident_bytes(p: &Path) -> u64 {
         )
     })
 }
+
+/// Copies the host's `programs` (absolute paths) and the shared libraries `ldd` lists for them
+/// into the same paths below `dir`, and makes an empty `proc/`: a guest tree in which those
+/// programs run (for `cowherd exec`).
+pub fn minimal_userland(dir: &Path, programs: &[&str]) {
+    let copy = |p: &Path| {
+        let dest = dir.join(p.strip_prefix("/").unwrap());
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        fs::copy(p, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", p.display()));
+    };
+    for program in programs {
+        copy(Path::new(program));
+        let out = std::process::Command::new("ldd")
+            .arg(program)
+            .output()
+            .expect("ldd runs");
+        for lib in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            copy(Path::new(lib));
+        }
+    }
+    fs::create_dir_all(dir.join("proc")).unwrap();
+}
