@@ -809,21 +809,6 @@ impl Changes {
     }
 }
 
-/// The seed of a randomised test: `$COWHERD_FOLD_SEED`, else the clock (printed, to rerun).
-fn seed() -> u64 {
-    let seed = std::env::var("COWHERD_FOLD_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("seed {seed} (rerun with COWHERD_FOLD_SEED={seed})");
-    seed
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -832,7 +817,7 @@ fn seed() -> u64 {
 fn fold_round_trip_keeps_the_merged_view() {
     assert_root();
     own_mount_namespace();
-    let seed = seed();
+    let seed = seed("COWHERD_FOLD_SEED");
     let s = Scratch::new("fold-round-trip");
     let names = ["a", "b", "c"];
     let root = unified_guests(&s, &names);
@@ -1013,7 +998,7 @@ fn crash_batch(point: &Path, n: usize, c: &mut Changes) {
 fn sigkill_during_fold_never_changes_the_merged_view() {
     assert_root();
     own_mount_namespace();
-    let seed = seed();
+    let seed = seed("COWHERD_FOLD_SEED");
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6b11);
     let s = Scratch::new("fold-crash");
     let root = init_root(s.path());

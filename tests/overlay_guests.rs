@@ -201,12 +201,8 @@ fn effective_index(point: &Path) -> String {
     let mounts = mounts_at(point);
     let top = mounts.last().expect("an overlay is mounted");
     assert_eq!(top.fstype, "overlay", "{top:?}");
-    let named = top
-        .options
-        .split(',')
-        .find_map(|o| o.strip_prefix("index="));
-    match named {
-        Some(v) => v.to_string(),
+    match top.option("index").flatten() {
+        Some(v) => v.to_string_lossy().into_owned(),
         None => match fs::read_to_string("/sys/module/overlay/parameters/index") {
             Ok(d) if d.trim() == "Y" => "on".into(),
             Ok(_) => "off".into(),

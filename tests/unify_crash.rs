@@ -94,16 +94,7 @@ fn guest_names() -> Vec<String> {
 #[test]
 fn sigkill_at_random_points_never_changes_a_guest_file() {
     assert_root();
-    let seed = std::env::var("COWHERD_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("crash test seed: {seed} (rerun with COWHERD_CRASH_SEED={seed})");
+    let seed = seed("COWHERD_CRASH_SEED");
     let s = Scratch::new("crash");
     let pool = Pool::new(seed);
 

@@ -198,7 +198,8 @@ fn offline_guests(
     ))
 }
 
-fn skipped_note(skipped: &[String], verb: &str) {
+/// Lists the mounted guests an `--all` run left for their next restart.
+pub fn skipped_note(skipped: &[String], verb: &str) {
     if !skipped.is_empty() {
         outln!(
             "skipped {} mounted guests: {} ({verb} them at their next restart: `cowherd mount --fold`)",

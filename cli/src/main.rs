@@ -593,13 +593,7 @@ fn print_unify(r: &UnifyReport, verbose: bool) {
             r.skipped_changed
         );
     }
-    if !r.skipped_mounted.is_empty() {
-        outln!(
-            "skipped {} mounted guests: {} (unify them at their next restart: `cowherd mount --fold`)",
-            r.skipped_mounted.len(),
-            r.skipped_mounted.join(", ")
-        );
-    }
+    lifecycle::skipped_note(&r.skipped_mounted, "unify");
     if !r.failures.is_empty() {
         outln!("{} failures (see warnings above)", r.failures.len());
     }
@@ -636,22 +630,37 @@ fn print_memory(m: &cowherd_unify::MemoryStats) {
         m.inodes_unshared,
         m.inodes_unshared.saturating_sub(m.inodes),
     );
-    if !m.top.is_empty() {
+    print_objects(
+        ["GUESTS", "CACHED", "SAVED"],
+        m.top.iter().map(|o| {
+            let cells = [
+                o.guests.to_string(),
+                fmt::bytes(o.resident_bytes),
+                fmt::bytes(o.saved_bytes),
+            ];
+            (o.object.as_str(), cells, o.example.as_str())
+        }),
+    );
+}
+
+/// Prints a table of store objects (name shortened), three columns of numbers and an example
+/// path, after a blank line; nothing when there are none.
+fn print_objects<'a>(
+    header: [&str; 3],
+    objects: impl Iterator<Item = (&'a str, [String; 3], &'a str)>,
+) {
+    let rows: Vec<Vec<String>> = objects
+        .map(|(object, cells, example)| {
+            let mut row = vec![object[..16.min(object.len())].to_string()];
+            row.extend(cells);
+            row.push(example.to_string());
+            row
+        })
+        .collect();
+    if !rows.is_empty() {
         outln!();
-        let rows: Vec<Vec<String>> = m
-            .top
-            .iter()
-            .map(|o| {
-                vec![
-                    o.object[..16].to_string(),
-                    o.guests.to_string(),
-                    fmt::bytes(o.resident_bytes),
-                    fmt::bytes(o.saved_bytes),
-                    o.example.clone(),
-                ]
-            })
-            .collect();
-        fmt::table(&["OBJECT", "GUESTS", "CACHED", "SAVED", "EXAMPLE"], &rows);
+        let [a, b, c] = header;
+        fmt::table(&["OBJECT", a, b, c, "EXAMPLE"], &rows);
     }
 }
 
@@ -686,21 +695,15 @@ fn print_stats(s: &cowherd_unify::Stats) {
         fmt::bytes(t.saved_bytes),
         t.ratio
     );
-    if !s.top.is_empty() {
-        outln!();
-        let rows: Vec<Vec<String>> = s
-            .top
-            .iter()
-            .map(|o| {
-                vec![
-                    o.object[..16].to_string(),
-                    o.links.to_string(),
-                    fmt::bytes(o.size),
-                    fmt::bytes(o.saved_bytes),
-                    o.example.clone(),
-                ]
-            })
-            .collect();
-        fmt::table(&["OBJECT", "LINKS", "SIZE", "SAVED", "EXAMPLE"], &rows);
-    }
+    print_objects(
+        ["LINKS", "SIZE", "SAVED"],
+        s.top.iter().map(|o| {
+            let cells = [
+                o.links.to_string(),
+                fmt::bytes(o.size),
+                fmt::bytes(o.saved_bytes),
+            ];
+            (o.object.as_str(), cells, o.example.as_str())
+        }),
+    );
 }

@@ -1485,49 +1485,13 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// One mount of `/proc/self/mountinfo`.
-#[derive(Clone, Debug)]
-pub struct MountInfo {
-    pub point: PathBuf,
-    pub fstype: String,
-    /// Per-mount and per-superblock options, comma-joined.
-    pub options: String,
-}
-
-/// The mounts at `point` in this mount namespace, bottom first.
-pub fn mounts_at(point: &Path) -> Vec<MountInfo> {
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    fn unescape(s: &str) -> PathBuf {
-        let (b, mut out, mut i) = (s.as_bytes(), Vec::new(), 0);
-        while i < b.len() {
-            let octal = (b[i] == b'\\')
-                .then(|| b.get(i + 1..i + 4))
-                .flatten()
-                .and_then(|o| u8::from_str_radix(std::str::from_utf8(o).ok()?, 8).ok());
-            if let Some(c) = octal {
-                out.push(c);
-                i += 4;
-            } else {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-        PathBuf::from(OsStr::from_bytes(&out))
-    }
-    let table = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
-    table
-        .lines()
-        .filter_map(|line| {
-            let (mine, sb) = line.split_once(" - ")?;
-            let mine: Vec<&str> = mine.split(' ').collect();
-            let sb: Vec<&str> = sb.split(' ').collect();
-            Some(MountInfo {
-                point: unescape(mine.get(4)?),
-                fstype: sb.first()?.to_string(),
-                options: format!("{},{}", mine.get(5)?, sb.get(2).unwrap_or(&"")),
-            })
-        })
-        .filter(|m| m.point == point)
+/// The mounts at `point` in this mount namespace, bottom first (parsed by cowherd's own
+/// mountinfo reader).
+pub fn mounts_at(point: &Path) -> Vec<cowherd_unify::MountEntry> {
+    cowherd_unify::read_mountinfo(Path::new("/proc/self/mountinfo"))
+        .expect("read /proc/self/mountinfo")
+        .into_iter()
+        .filter(|m| m.mount_point == point)
         .collect()
 }
 
@@ -1602,4 +1566,20 @@ pub fn minimal_userland(dir: &Path, programs: &[&str]) {
         }
     }
     fs::create_dir_all(dir.join("proc")).unwrap();
+}
+
+/// The seed of a randomised test: the number in `$VAR`, else the clock's nanoseconds; printed,
+/// so that a failing run can be repeated.
+pub fn seed(var: &str) -> u64 {
+    let seed = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("seed {seed} (rerun with {var}={seed})");
+    seed
 }

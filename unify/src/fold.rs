@@ -25,7 +25,7 @@ use crate::error::{Error, PathContext, Result};
 use crate::fsx::{self, OVERLAY_XATTR, Stat, Xattr};
 use crate::guest::{GuestPaths, check_offline, guest_record};
 use crate::mountinfo::MountTable;
-use crate::report::{Failure, display_path};
+use crate::report::{Failure, guest_abs};
 use crate::root::HostRoot;
 use crate::store;
 use crate::sys::{FS_APPEND_FL, FS_IMMUTABLE_FL};
@@ -334,12 +334,6 @@ struct Folder<'a> {
 }
 
 impl Folder<'_> {
-    fn abs(rel: &[u8]) -> String {
-        let mut abs = b"/".to_vec();
-        abs.extend_from_slice(rel);
-        display_path(&abs)
-    }
-
     fn note(&mut self, action: FoldAction, rel: &[u8], st: &Stat) {
         match action {
             FoldAction::Move => {
@@ -356,18 +350,16 @@ impl Folder<'_> {
         if self.opts.dry_run || self.opts.list_entries {
             self.report.entries.push(FoldEntry {
                 action,
-                path: Self::abs(rel),
+                path: guest_abs(rel),
                 kind: kind_of(st),
             });
         }
     }
 
     fn fail(&mut self, rel: &[u8], error: impl std::fmt::Display) {
-        self.report.failures.push(Failure {
-            guest: self.guest.to_string(),
-            path: Self::abs(rel),
-            error: error.to_string(),
-        });
+        self.report
+            .failures
+            .push(Failure::at(self.guest, rel, error));
     }
 
     /// Whether a directory with these xattrs is opaque; refuses what fold cannot merge.

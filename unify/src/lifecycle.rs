@@ -22,7 +22,7 @@ use crate::guest::{
 };
 use crate::mountinfo::MountTable;
 use crate::overlay::{MountState, state_in};
-use crate::report::{Failure, display_path};
+use crate::report::{Failure, guest_abs};
 use crate::root::HostRoot;
 use crate::store;
 
@@ -199,19 +199,9 @@ struct Splitter<'a> {
 }
 
 impl Splitter<'_> {
-    fn abs(rel: &[u8]) -> String {
-        let mut abs = b"/".to_vec();
-        abs.extend_from_slice(rel);
-        display_path(&abs)
-    }
-
     fn fail(&mut self, rel: &[u8], error: impl std::fmt::Display) {
-        let guest = self.report.guest.clone();
-        self.report.failures.push(Failure {
-            guest,
-            path: Self::abs(rel),
-            error: error.to_string(),
-        });
+        let failure = Failure::at(&self.report.guest, rel, error);
+        self.report.failures.push(failure);
     }
 
     /// Splits the file at `rel`, or every shared file below the directory at `rel`; returns
@@ -270,7 +260,7 @@ impl Splitter<'_> {
                     self.fail(rel, e);
                 }
             }
-            Ok(None) => self.report.already_private.push(Self::abs(rel)),
+            Ok(None) => self.report.already_private.push(guest_abs(rel)),
             Err(e) => self.fail(rel, e),
         }
     }
@@ -324,7 +314,7 @@ impl Splitter<'_> {
             "DELETE FROM files WHERE guest_id = ?1 AND path = ?2",
             params![self.guest_id, rel],
         )?;
-        self.report.split.push(Self::abs(rel));
+        self.report.split.push(guest_abs(rel));
         self.report.copied_bytes += st.size;
         Ok(())
     }

@@ -36,14 +36,25 @@ pub struct Failure {
     pub error: String,
 }
 
+/// A guest-relative path shown guest-absolute (`usr/bin/ls` → `/usr/bin/ls`), escaped as by
+/// [`display_path`].
+pub(crate) fn guest_abs(rel: &[u8]) -> String {
+    let mut abs = b"/".to_vec();
+    abs.extend_from_slice(rel);
+    display_path(&abs)
+}
+
 impl Failure {
     pub(crate) fn new(guest: &OpenGuest, rel: &[u8], error: String) -> Failure {
-        let mut abs = b"/".to_vec();
-        abs.extend_from_slice(rel);
+        Failure::at(&guest.name, rel, error)
+    }
+
+    /// A failure on the guest-relative path `rel` of guest `guest`.
+    pub(crate) fn at(guest: &str, rel: &[u8], error: impl std::fmt::Display) -> Failure {
         Failure {
-            guest: guest.name.clone(),
-            path: display_path(&abs),
-            error,
+            guest: guest.to_string(),
+            path: guest_abs(rel),
+            error: error.to_string(),
         }
     }
 
@@ -81,11 +92,9 @@ pub struct LinkedPath {
 
 impl LinkedPath {
     pub(crate) fn new(guest: &OpenGuest, rel: &[u8], object: &str, size: u64) -> LinkedPath {
-        let mut abs = b"/".to_vec();
-        abs.extend_from_slice(rel);
         LinkedPath {
             guest: guest.name.clone(),
-            path: display_path(&abs),
+            path: guest_abs(rel),
             object: object.to_string(),
             size,
         }
