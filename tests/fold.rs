@@ -1031,6 +1031,11 @@ fn sigkill_during_fold_never_changes_the_merged_view() {
         let point = mount_guest(&root, "a", &mut mounts);
         let c = changes.get_or_insert_with(|| Changes::new(&point, seed));
         crash_batch(&point, batches, c);
+        // A file the guest makes immutable: overlayfs keeps the flag in `protattr`, fold
+        // journals it and sets it on base once the old upper is gone — also across kills.
+        let pinned = point.join(format!("pinned-{batches}"));
+        write(&pinned, b"pinned\n");
+        chattr("+i", &pinned);
         umount_guest(&root, "a");
         want = merged_manifest(&root, "a");
         // About what this batch's fold still needs (`None`: let it finish).
@@ -1070,6 +1075,13 @@ fn sigkill_during_fold_never_changes_the_merged_view() {
             Vec::<String>::new(),
             "work after batch {batches}"
         );
+        for b in 1..=batches {
+            let pinned = base_a.join(format!("pinned-{b}"));
+            assert!(
+                is_immutable(&pinned),
+                "{pinned:?} lost its flag by batch {batches}"
+            );
+        }
     }
     eprintln!(
         "{landed} kills landed in {runs} runs over {batches} batches ({past_start} later than an \

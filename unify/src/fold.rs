@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, RenameFlags};
+use nix::fcntl::{AtFlags, OFlag, RenameFlags};
 use nix::sys::stat::Mode;
 use serde::Serialize;
 
@@ -28,7 +28,7 @@ use crate::mountinfo::MountTable;
 use crate::report::{Failure, guest_abs};
 use crate::root::HostRoot;
 use crate::store;
-use crate::sys::{FS_APPEND_FL, FS_IMMUTABLE_FL};
+use crate::sys::{self, FS_APPEND_FL, FS_IMMUTABLE_FL};
 
 /// Where overlayfs keeps the `chattr +i` / `+a` a guest sets on its files (`i`, `a`): the upper
 /// inode itself carries no such flag.
@@ -41,6 +41,25 @@ fn protattr_flags(value: &[u8]) -> libc::c_long {
         b'a' => flags | FS_APPEND_FL,
         _ => flags,
     })
+}
+
+/// The immutable and append-only flags of an upper entry: from its `protattr` xattr, and from
+/// the inode itself (a killed fold's replayed journal may have set them there).
+fn guarded_flags(upper: BorrowedFd<'_>, name: &[u8], st: &Stat, xattrs: &[Xattr]) -> libc::c_long {
+    let from_xattr = xattrs
+        .iter()
+        .find(|(k, _)| k == PROTATTR)
+        .map_or(0, |(_, v)| protattr_flags(v));
+    let on_inode = if st.is_file() || st.is_dir() {
+        let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW;
+        fsx::open_beneath(upper, name, flags)
+            .ok()
+            .and_then(|fd| sys::get_flags(&fd).ok())
+            .map_or(0, libc::c_long::from)
+    } else {
+        0
+    };
+    from_xattr | (on_inode & (FS_IMMUTABLE_FL | FS_APPEND_FL))
 }
 
 /// How `fold` behaves.
@@ -162,8 +181,8 @@ fn overlay_xattr<'x>(xattrs: &'x [(Vec<u8>, Vec<u8>)], key: &str) -> Option<&'x 
 ///    then removed.
 /// 3. The `chattr +i`/`+a` flags a guest set, which overlayfs keeps in the upper inode's
 ///    `trusted.overlay.protattr` (moved down with it), are journalled before the swap and
-///    set on the base inodes after it; a killed run's journal rows are replayed by the next
-///    writer.
+///    set on the base inodes once the old upper is gone (`clear_scratch`); a killed run's
+///    rows are applied by the next writer, and again after the next removal of `tmp/`.
 ///
 /// A kill during step 1 leaves hidden changes and names under `tmp/`; after the swap, only
 /// garbage under `tmp/`. The next run starts over, and step 1 skips what is done.
@@ -233,7 +252,6 @@ pub fn fold(root: &HostRoot, name: &str, opts: &FoldOptions) -> Result<FoldRepor
         fsx::remove_tree(work.as_fd(), &paths.work, &child, &mut unlocker(root))?;
     }
     report.upper_emptied = true;
-    crate::guest::apply_flag_journal(root, Some(guest_id))?;
     for e in store::restore_immutable(root)? {
         report.failures.push(Failure::guest(name, e.to_string()));
     }
@@ -260,7 +278,8 @@ fn unlocker(root: &HostRoot) -> impl FnMut(BorrowedFd<'_>, &[u8], &Stat, &Path) 
 }
 
 /// Removes `tmp/` of a guest with everything a fold or split left in it, then puts back the
-/// immutable flags cleared on the way.
+/// flags cleared on the way: the immutable flags of store objects, and the `chattr` flags a
+/// fold journalled for base entries that shared an inode with the old upper layer.
 pub(crate) fn clear_scratch(
     root: &HostRoot,
     guest_dir: BorrowedFd<'_>,
@@ -270,7 +289,9 @@ pub(crate) fn clear_scratch(
     if let Some(e) = store::restore_immutable(root)?.into_iter().next() {
         return Err(e);
     }
-    result
+    result?;
+    let guest_id = root.index.guest_id(&paths.name)?;
+    crate::guest::apply_flag_journal(root, Some(guest_id))
 }
 
 /// `tmp/new/` (names linked before they are renamed into base) and `tmp/trash/` (base entries
@@ -472,8 +493,9 @@ impl Folder<'_> {
                 return Ok(());
             }
         };
-        if let Some((_, v)) = xattrs.iter().find(|(k, _)| k == PROTATTR) {
-            self.flags.push((rel.clone(), protattr_flags(v)));
+        let flags = guarded_flags(upper, name, &st, &xattrs);
+        if flags != 0 {
+            self.flags.push((rel.clone(), flags));
         }
         if st.is_dir() {
             let opaque = self.opaque(&xattrs, &fsx::join(&self.paths.upper, rel))?;

@@ -115,6 +115,8 @@ impl GuestRecord {
 /// The paths of one guest's directory (the picture at the top of this module).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestPaths {
+    /// The guest's name.
+    pub name: String,
     /// `guests/<name>`.
     pub dir: PathBuf,
     /// The lower layer.
@@ -134,6 +136,7 @@ impl GuestPaths {
     pub fn new(root: &HostRoot, record: &GuestRecord) -> GuestPaths {
         let dir = root.guests_dir().join(&record.name);
         GuestPaths {
+            name: record.name.clone(),
             base: dir.join("base"),
             upper: dir.join("upper"),
             work: dir.join("work"),
@@ -339,8 +342,9 @@ pub(crate) fn recover_destroys(root: &HostRoot) -> Result<()> {
 }
 
 /// Sets the inode flags of the `flags` journal rows (of one guest, or all) on the base entries
-/// they name, removes the `protattr` xattr that carried them in the upper layer, and drops the
-/// rows. An entry that is gone drops its row.
+/// they name and removes the `protattr` xattr that carried them in the upper layer. A row is
+/// dropped once its guest has no `tmp/`: while the old upper layer may still be there, removing
+/// it clears the flags of the inodes it shares with base, and the row must set them again.
 ///
 /// # Errors
 /// Index errors, and setting a flag failing otherwise than by the entry being gone.
@@ -370,18 +374,26 @@ pub(crate) fn apply_flag_journal(root: &HostRoot, guest_id: Option<i64>) -> Resu
         let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW;
         match fsx::open_beneath(root.guests_fd(), &path, flags) {
             Ok(fd) => {
-                let file = std::fs::File::from(fd);
-                match xattr::FileExt::remove_xattr(&file, "trusted.overlay.protattr") {
-                    Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
-                    Err(e) => return Err(e).at(&shown),
+                let bits = bits as libc::c_long;
+                let set = crate::sys::get_flags(&fd).at(&shown)? as libc::c_long;
+                // Applied already: an immutable inode takes no xattr change.
+                if set & bits != bits {
+                    let file = std::fs::File::from(fd);
+                    match xattr::FileExt::remove_xattr(&file, "trusted.overlay.protattr") {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+                        Err(e) => return Err(e).at(&shown),
+                    }
+                    crate::sys::add_flags(&file, bits).at(&shown)?;
                 }
-                crate::sys::add_flags(&file, bits as libc::c_long).at(&shown)?;
             }
             Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ELOOP) => {}
             Err(e) => return Err(e).at(shown),
         }
-        idx.exec("DELETE FROM journal WHERE id = ?1", [id])?;
+        let scratch = root.guests_dir().join(&name).join("tmp");
+        if std::fs::symlink_metadata(scratch).is_err() {
+            idx.exec("DELETE FROM journal WHERE id = ?1", [id])?;
+        }
     }
     Ok(())
 }

@@ -274,11 +274,7 @@ fn prepare(root: &HostRoot, record: &GuestRecord, paths: &GuestPaths) -> Result<
 /// owner, mode, xattrs and mtime of base's root: the overlay shows its root directory with the
 /// upper root's metadata, and the guest must see its own.
 fn match_root_metadata(root: &HostRoot, paths: &GuestPaths) -> Result<()> {
-    let guest = fsx::open_dir_beneath(
-        root.guests_fd(),
-        &root.guests_dir(),
-        paths.dir.file_name().map_or(&[][..], |n| n.as_bytes()),
-    )?;
+    let guest = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), paths.name.as_bytes())?;
     let upper = fsx::open_dir_beneath(guest.as_fd(), &paths.dir, b"upper")?;
     let pristine = fsx::read_names(upper.as_fd()).at(&paths.upper)?.is_empty()
         && !fsx::xattrs_at(upper.as_fd(), b".")
@@ -576,6 +572,7 @@ mod tests {
     fn paths() -> GuestPaths {
         let dir = PathBuf::from("/r/guests/g");
         GuestPaths {
+            name: "g".into(),
             base: dir.join("base"),
             upper: dir.join("upper"),
             work: dir.join("work"),
