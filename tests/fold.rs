@@ -1403,3 +1403,123 @@ fn fold_keeps_the_guests_own_trusted_overlay_xattrs() {
     assert_same_view(&want, &manifest(&point), "a after fold and mount");
     umount_guest(&root, "a");
 }
+
+/// Regression: a base entry carrying `chattr +i` (moved down by an earlier fold) blocked the next
+/// fold of that path for good, and `mount --fold` then refused to start the guest.
+#[test]
+fn fold_replaces_a_base_entry_that_an_earlier_fold_made_immutable() {
+    assert_root();
+    own_mount_namespace();
+    let s = Scratch::new("fold-reflag");
+    let _unflag = ClearFlagsOnDrop(s.path().to_path_buf());
+    let root = unified_guests(&s, &["a"]);
+    let mut mounts = MountedGuests::default();
+    let point = mount_guest(&root, "a", &mut mounts);
+    write(&point.join("usr/share/resolv.conf"), b"nameserver 1\n");
+    fs::create_dir(point.join("usr/share/locked")).unwrap();
+    chattr("+i", &point.join("usr/share/resolv.conf"));
+    chattr("+a", &point.join("usr/share/locked"));
+    umount_guest(&root, "a");
+    fold_json(&root, "a", &[]);
+    assert!(is_immutable(
+        &base(&root, "a").join("usr/share/resolv.conf")
+    ));
+
+    // The guest lifts the flags and changes both paths.
+    let point = mount_guest(&root, "a", &mut mounts);
+    chattr("-i", &point.join("usr/share/resolv.conf"));
+    write(&point.join("usr/share/resolv.conf"), b"nameserver 2\n");
+    chattr("-a", &point.join("usr/share/locked"));
+    chmod(&point.join("usr/share/locked"), 0o750);
+    let want = manifest(&point);
+    umount_guest(&root, "a");
+    let report = fold_json(&root, "a", &[]);
+    assert_eq!(report["failures"], serde_json::json!([]), "{report:#}");
+    assert_eq!(report["upper_emptied"], true, "{report:#}");
+    let b = base(&root, "a");
+    assert_eq!(
+        fs::read(b.join("usr/share/resolv.conf")).unwrap(),
+        b"nameserver 2\n"
+    );
+    assert!(!inode_flags(&b.join("usr/share/resolv.conf")).contains('i'));
+    assert!(!inode_flags(&b.join("usr/share/locked")).contains('a'));
+    assert_same_view(
+        &want,
+        &merged_manifest(&root, "a"),
+        "merged view after the second fold",
+    );
+}
+
+/// Regression: folding a guest that was never mounted gave base's root the new upper root's
+/// owner, mode, mtime and xattrs (`mount --fold` right after `adopt` does exactly that).
+#[test]
+fn fold_of_a_guest_never_mounted_keeps_its_root_metadata() {
+    assert_root();
+    own_mount_namespace();
+    let s = Scratch::new("fold-pristine");
+    let root = init_root(s.path());
+    adopt_built(&root, s.path(), "a", |d| {
+        guest_tree(d, 0);
+        chown(d, 5, 6);
+        chmod(d, 0o711);
+        xattr::set(d, "user.keep", b"1").unwrap();
+        set_mtime(d, (1_500_000_000, 7));
+    });
+    let before = manifest(&base(&root, "a"));
+    let report = fold_json(&root, "a", &[]);
+    assert_eq!(report["failures"], serde_json::json!([]), "{report:#}");
+    assert_same_view(
+        &before,
+        &manifest(&base(&root, "a")),
+        "base after folding nothing",
+    );
+    let mut mounts = MountedGuests::default();
+    let point = mount_guest(&root, "a", &mut mounts);
+    assert_same_view(&before, &manifest(&point), "what the guest sees");
+}
+
+/// A guest can make a directory tree deeper than fold descends: it is reported and stays in
+/// the upper layer, the merged view is unchanged, and `mount --fold` still starts the guest.
+#[test]
+fn a_tree_too_deep_to_fold_is_reported_and_the_guest_still_starts() {
+    assert_root();
+    own_mount_namespace();
+    let s = Scratch::new("fold-deep");
+    let root = unified_guests(&s, &["a"]);
+    let mut mounts = MountedGuests::default();
+    let point = mount_guest(&root, "a", &mut mounts);
+    let mut deep = point.join("srv");
+    for _ in 0..300 {
+        deep.push("d");
+    }
+    fs::create_dir_all(&deep).unwrap();
+    write(&deep.join("bottom"), b"deep\n");
+    write(&point.join("usr/share/shallow"), b"shallow\n");
+    umount_guest(&root, "a");
+    let want = merged_manifest(&root, "a");
+    let out = cowherd(&root)
+        .args(["fold", "a", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_of(&out);
+    let failures = report[0]["failures"].to_string();
+    assert!(failures.contains("deeper than 256"), "{failures}");
+    assert_eq!(report[0]["upper_emptied"], false);
+    assert_same_view(
+        &want,
+        &merged_manifest(&root, "a"),
+        "merged view after a partial fold",
+    );
+    mounts.watch(guest_dir(&root, "a", "rootfs"));
+    cowherd(&root)
+        .args(["mount", "--fold", "a"])
+        .assert()
+        .success();
+    assert_eq!(fs::read(deep.join("bottom")).unwrap(), b"deep\n");
+}

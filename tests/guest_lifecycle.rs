@@ -5,6 +5,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -397,4 +398,136 @@ fn exec_runs_inside_the_mounted_guest_with_its_hostname_and_files() {
         .status
         .code();
     assert_eq!(code, Some(7), "the command's exit code comes through");
+}
+
+/// Regression: with `index.db` lost (the README says that costs a re-hash, never data),
+/// `destroy` took a shared immutable object for a file of the guest's own and cleared its flag
+/// for good: every other guest could then write it.
+#[test]
+fn destroy_keeps_the_flag_of_a_shared_immutable_object_when_the_index_was_lost() {
+    assert_root();
+    let s = Scratch::new("destroy-noindex");
+    let root = pair_root(&s);
+    let daemon = store_inodes(&root)[&ino(&base(&root, "g2").join("usr/sbin/daemon"))].clone();
+    for f in ["index.db", "index.db-wal", "index.db-shm"] {
+        let _ = fs::remove_file(root.join(f));
+    }
+    cowherd(&root).arg("init").assert().success();
+    cowherd(&root).args(["destroy", "g1"]).assert().success();
+    assert!(
+        is_immutable(&daemon.path),
+        "the shared object lost its flag"
+    );
+    assert_eq!(
+        ino(&base(&root, "g2").join("usr/sbin/daemon")),
+        daemon.dev_ino
+    );
+}
+
+/// Builds `depth` nested directories `d/d/…` below `dir` (fd-relative: the path is longer than
+/// PATH_MAX) with a file at the bottom.
+fn deep_tree(dir: &Path, depth: usize) {
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::{Mode, mkdirat};
+    use std::os::fd::{AsFd, OwnedFd};
+    fs::create_dir_all(dir).unwrap();
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
+    let mut fd: OwnedFd = nix::fcntl::open(dir, flags, Mode::empty()).unwrap();
+    for _ in 0..depth {
+        mkdirat(fd.as_fd(), "d", Mode::from_bits_truncate(0o755)).unwrap();
+        fd = openat(fd.as_fd(), "d", flags, Mode::empty()).unwrap();
+    }
+    let f = openat(
+        fd.as_fd(),
+        "bottom",
+        OFlag::O_CREAT | OFlag::O_WRONLY,
+        Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    drop(f);
+}
+
+/// Regression: removing a guest tree held a descriptor per level, so a guest's 3000-level tree
+/// made `destroy` fail with EMFILE, and with it every later writing command (each one tried to
+/// finish the destroy first).
+#[test]
+fn a_guest_tree_thousands_of_levels_deep_is_destroyed_with_few_descriptors() {
+    assert_root();
+    let s = Scratch::new("destroy-deep");
+    let root = init_root(s.path());
+    adopt_built(&root, s.path(), "deep", |d| deep_tree(&d.join("srv"), 3000));
+    adopt_built(&root, s.path(), "other", |d| deep_tree(&d.join("srv"), 2));
+    let status = Command::new("prlimit")
+        .arg("--nofile=256")
+        .arg(cowherd_bin())
+        .arg("--root")
+        .arg(&root)
+        .args(["destroy", "deep"])
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(status.success());
+    assert!(!root.join("guests/deep").exists() && !root.join("guests/.deep.destroying").exists());
+    cowherd(&root).args(["unify", "--all"]).assert().success();
+}
+
+/// Regression: a guest that copied up a file whose base path became an immutable store link
+/// afterwards (the admin unified the stopped guest before folding it) could never be folded.
+#[test]
+fn fold_replaces_a_base_path_that_is_an_immutable_store_link() {
+    assert_root();
+    let s = Scratch::new("fold-immutable-object");
+    let root = init_root(s.path());
+    let mut policy = fs::read_to_string(root.join("policy.toml")).unwrap();
+    policy = policy.replacen("rules = [", "rules = [\n  \"immutable /usr/bin/**\",", 1);
+    fs::write(root.join("policy.toml"), policy).unwrap();
+    adopt_built(&root, s.path(), "g1", |d| pair_guest(d, 1));
+    adopt_built(&root, s.path(), "g2", |d| pair_guest(d, 2));
+    {
+        let _m = mount(&root, &["g1"]);
+        fs::write(rootfs(&root, "g1").join("usr/bin/tool"), b"patched by g1").unwrap();
+        cowherd(&root).args(["umount", "g1"]).assert().success();
+    }
+    cowherd(&root).args(["unify", "--all"]).assert().success();
+    let object = store_inodes(&root)[&ino(&base(&root, "g1").join("usr/bin/tool"))].clone();
+    assert!(is_immutable(&object.path));
+
+    let report = run_json(cowherd(&root).args(["fold", "g1", "--json"]));
+    assert_eq!(report[0]["failures"], serde_json::json!([]), "{report:#}");
+    assert_eq!(
+        fs::read(base(&root, "g1").join("usr/bin/tool")).unwrap(),
+        b"patched by g1"
+    );
+    assert!(
+        is_immutable(&object.path),
+        "the object g2 still links keeps its flag"
+    );
+    assert_eq!(ino(&base(&root, "g2").join("usr/bin/tool")), object.dev_ino);
+}
+
+#[test]
+fn an_exported_tarball_is_readable_by_root_only_and_never_written_through_a_symlink() {
+    assert_root();
+    let s = Scratch::new("export-perms");
+    let root = pair_root(&s);
+    let tarball = s.join("g1.tar");
+    cowherd(&root)
+        .args(["export", "g1", "--tar"])
+        .arg(&tarball)
+        .assert()
+        .success();
+    assert_eq!(
+        fs::metadata(&tarball).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let victim = s.join("victim");
+    fs::write(&victim, b"keep").unwrap();
+    let planted = s.join("planted.tar");
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let out = cowherd(&root)
+        .args(["export", "g1", "--tar"])
+        .arg(&planted)
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, 1);
+    assert_eq!(fs::read(&victim).unwrap(), b"keep");
 }

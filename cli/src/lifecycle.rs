@@ -99,27 +99,31 @@ pub fn mount(
 }
 
 /// `mount --fold`: folds and unifies an unmounted guest; a mounted one is left as it is (its
-/// changes are folded at its next restart).
+/// changes are folded at its next restart). Neither step changes what the guest sees, so
+/// neither stops it from starting: a failure is a warning, and the guest is mounted.
 pub fn fold_and_unify(root: &HostRoot, name: &str, bars: &Bars) -> Result<()> {
     if cowherd_unify::mount_state(root, name)? != MountState::Unmounted {
         eprintln!("note: {name} is mounted; not folded (umount it first)");
         return Ok(());
     }
-    let folded = cowherd_unify::fold(root, name, &FoldOptions::default())?;
-    print_fold(&folded);
-    if !folded.failures.is_empty() {
-        anyhow::bail!("guest {name} was not folded completely (see the errors above); not mounted");
+    match cowherd_unify::fold(root, name, &FoldOptions::default()) {
+        Ok(folded) => print_fold(&folded),
+        Err(e) => eprintln!("warning: not folded: {e}"),
     }
     let names = [name.to_string()];
-    let unified = cowherd_unify::unify(root, &names, &UnifyOptions::default(), bars)?;
-    for failure in &unified.failures {
-        eprintln!("warning: {failure}");
+    match cowherd_unify::unify(root, &names, &UnifyOptions::default(), bars) {
+        Ok(unified) => {
+            for failure in &unified.failures {
+                eprintln!("warning: {failure}");
+            }
+            outln!(
+                "unified {name}: linked {} files, saved {}",
+                unified.linked_files,
+                fmt::bytes(unified.saved_bytes)
+            );
+        }
+        Err(e) => eprintln!("warning: not unified: {e}"),
     }
-    outln!(
-        "unified {name}: linked {} files, saved {}",
-        unified.linked_files,
-        fmt::bytes(unified.saved_bytes)
-    );
     Ok(())
 }
 
@@ -278,11 +282,16 @@ pub fn export(root: &HostRoot, guest: &str, dest: &Path, tar: bool, json: bool) 
     let r = cowherd_unify::export(root, guest, dest, tar)?;
     if json {
         crate::print_json(&r)?;
-    } else if dest != Path::new("-") {
+    } else if tar && dest != Path::new("-") {
         outln!(
-            "exported {guest} to {} ({})",
-            dest.display(),
-            if tar { "tarball" } else { "directory" }
+            "exported {guest} to {} (tarball, mode 0600)",
+            dest.display()
+        );
+    } else if !tar {
+        outln!("exported {guest} to {} (directory)", dest.display());
+        eprintln!(
+            "note: {} holds the guest's setuid-root files, which are setuid-root on this host too: keep it where only root can reach it",
+            dest.display()
         );
     }
     Ok(0)

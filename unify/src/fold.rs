@@ -25,6 +25,7 @@ use crate::error::{Error, PathContext, Result};
 use crate::fsx::{self, OVERLAY_XATTR, Stat, Xattr};
 use crate::guest::{GuestPaths, check_offline, guest_record};
 use crate::mountinfo::MountTable;
+use crate::overlay::match_root_metadata;
 use crate::report::{Failure, guest_abs};
 use crate::root::HostRoot;
 use crate::store;
@@ -61,6 +62,10 @@ fn guarded_flags(upper: BorrowedFd<'_>, name: &[u8], st: &Stat, xattrs: &[Xattr]
     };
     from_xattr | (on_inode & (FS_IMMUTABLE_FL | FS_APPEND_FL))
 }
+
+/// The deepest directory fold descends to (two descriptors a level): a deeper upper tree is
+/// reported, not folded, and stays in the upper layer.
+const MAX_DEPTH: usize = 256;
 
 /// How `fold` behaves.
 #[derive(Clone, Copy, Debug, Default)]
@@ -214,6 +219,7 @@ pub fn fold(root: &HostRoot, name: &str, opts: &FoldOptions) -> Result<FoldRepor
         root.check_same_fs(&fsx::fstat(fd).at(path)?, path)?;
     }
     let mut folder = Folder {
+        root,
         guest: name,
         paths: &paths,
         opts: *opts,
@@ -230,10 +236,15 @@ pub fn fold(root: &HostRoot, name: &str, opts: &FoldOptions) -> Result<FoldRepor
     if !opts.dry_run {
         clear_scratch(root, dir.as_fd(), &paths)?;
         folder.scratch = Some(Scratch::make(dir.as_fd(), &paths.tmp)?);
+        // A never-mounted upper has its own root metadata, not what the guest sees.
+        match_root_metadata(root, &paths)?;
     }
     let (upper_root, _) = lstat_rdev(upper.as_fd(), b".").at(&paths.upper)?;
     let root_xattrs = fsx::xattrs_at(upper.as_fd(), b".").at(&paths.upper)?;
     let opaque = folder.opaque(&root_xattrs, &paths.upper)?;
+    if !opts.dry_run && folder.unguard(dir.as_fd(), b"base", b"").is_none() {
+        return Ok(folder.report);
+    }
     let mut rel = Vec::new();
     folder.fold_dir(upper.as_fd(), Some(base.as_fd()), &mut rel, opaque)?;
     if !opts.dry_run {
@@ -249,7 +260,7 @@ pub fn fold(root: &HostRoot, name: &str, opts: &FoldOptions) -> Result<FoldRepor
     clear_scratch(root, dir.as_fd(), &paths)?;
     let work = open("work")?;
     for child in fsx::read_names(work.as_fd()).at(&paths.work)? {
-        fsx::remove_tree(work.as_fd(), &paths.work, &child, &mut unlocker(root))?;
+        store::remove_guest_tree(root, work.as_fd(), &paths.work, &child)?;
     }
     report.upper_emptied = true;
     for e in store::restore_immutable(root)? {
@@ -272,11 +283,6 @@ fn journal_flags(root: &HostRoot, guest_id: i64, flags: &[(Vec<u8>, libc::c_long
     tx.commit().map_err(|e| idx.err(e))
 }
 
-/// The unlock step of [`fsx::remove_tree`] for guest trees: see [`store::unlock_entry`].
-fn unlocker(root: &HostRoot) -> impl FnMut(BorrowedFd<'_>, &[u8], &Stat, &Path) -> Result<()> + '_ {
-    move |dir, name, st, shown| store::unlock_entry(root, dir, name, st, shown)
-}
-
 /// Removes `tmp/` of a guest with everything a fold or split left in it, then puts back the
 /// flags cleared on the way: the immutable flags of store objects, and the `chattr` flags a
 /// fold journalled for base entries that shared an inode with the old upper layer.
@@ -285,11 +291,7 @@ pub(crate) fn clear_scratch(
     guest_dir: BorrowedFd<'_>,
     paths: &GuestPaths,
 ) -> Result<()> {
-    let result = fsx::remove_tree(guest_dir, &paths.dir, b"tmp", &mut unlocker(root));
-    if let Some(e) = store::restore_immutable(root)?.into_iter().next() {
-        return Err(e);
-    }
-    result?;
+    store::remove_guest_tree(root, guest_dir, &paths.dir, b"tmp")?;
     let guest_id = root.index.guest_id(&paths.name)?;
     crate::guest::apply_flag_journal(root, Some(guest_id))
 }
@@ -328,6 +330,12 @@ fn swap_upper(
     nix::sys::stat::mkdirat(&tmp, "upper", Mode::from_bits_truncate(0o700)).at(&fresh)?;
     let fd = fsx::open_dir_beneath(tmp.as_fd(), &paths.tmp, b"upper")?;
     fsx::set_dir_metadata(fd.as_fd(), upper_root, xattrs).at(&fresh)?;
+    // The merged root is the upper root: it keeps the `protattr` of a `chattr` of `/` (which
+    // Linux 6.18 itself does not read back for the root after a remount).
+    if let Some((_, v)) = xattrs.iter().find(|(k, _)| k == PROTATTR) {
+        let file = std::fs::File::from(fd.try_clone().at(&fresh)?);
+        xattr::FileExt::set_xattr(&file, OsStr::from_bytes(PROTATTR), v).at(&fresh)?;
+    }
     nix::fcntl::renameat2(
         guest_dir,
         "upper",
@@ -340,6 +348,7 @@ fn swap_upper(
 
 /// The state of one fold.
 struct Folder<'a> {
+    root: &'a HostRoot,
     guest: &'a str,
     paths: &'a GuestPaths,
     opts: FoldOptions,
@@ -402,11 +411,69 @@ impl Folder<'_> {
         format!("{:x}", self.seq)
     }
 
+    /// Clears the immutable and append-only flags that keep fold from replacing, trashing or
+    /// updating the base entry `name` of `base` (a guest's `chattr` moved down by an earlier
+    /// fold, an immutable store object): the guest sees that path from upper, so nothing it
+    /// sees changes. A store object's flag comes back with `restore_immutable`; what else
+    /// keeps other links is handed back, to [`relock`](Self::relock) after the change.
+    /// `None` (reported) if the flags cannot be cleared.
+    fn unguard(
+        &mut self,
+        base: BorrowedFd<'_>,
+        name: &[u8],
+        rel: &[u8],
+    ) -> Option<Option<fsx::Relock>> {
+        let guards = FS_IMMUTABLE_FL | FS_APPEND_FL;
+        let open = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW;
+        let Ok(st) = fsx::lstat_at(base, name) else {
+            return Some(None);
+        };
+        let flagged = (st.is_file() || st.is_dir())
+            && fsx::open_beneath(base, name, open)
+                .ok()
+                .and_then(|fd| sys::get_flags(&fd).ok())
+                .is_some_and(|f| libc::c_long::from(f) & guards != 0);
+        if !flagged {
+            return Some(None);
+        }
+        let shown = fsx::join(&self.paths.base, rel);
+        match store::unlock_entry(self.root, base, name, &st, &shown) {
+            Ok(relock) => Some(relock),
+            Err(e) => {
+                self.fail(
+                    rel,
+                    format!("cannot clear the flags of the base entry: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Sets again the flags [`unguard`](Self::unguard) handed back.
+    fn relock(&mut self, relock: Option<fsx::Relock>, rel: &[u8]) {
+        if let Some(r) = relock
+            && let Err(e) = sys::add_flags(&r.fd, r.flags)
+        {
+            self.fail(
+                rel,
+                format!("cannot set the flags of a replaced inode again: {e}"),
+            );
+        }
+    }
+
     /// Moves base entry `name` of `base` into the trash.
     fn trash(&mut self, base: BorrowedFd<'_>, name: &[u8], rel: &[u8]) -> bool {
         let n = self.next_name();
+        if self.scratch.is_none() {
+            return true;
+        }
+        let Some(relock) = self.unguard(base, name, rel) else {
+            return false;
+        };
         let Some(s) = &self.scratch else { return true };
-        match nix::fcntl::renameat(base, OsStr::from_bytes(name), &s.trash, n.as_str()) {
+        let moved = nix::fcntl::renameat(base, OsStr::from_bytes(name), &s.trash, n.as_str());
+        self.relock(relock, rel);
+        match moved {
             Ok(()) => true,
             Err(e) => {
                 self.fail(
@@ -529,6 +596,13 @@ impl Folder<'_> {
         opaque: bool,
     ) -> Result<()> {
         let exists = below.is_some_and(|b| b.is_dir());
+        if rel.iter().filter(|&&b| b == b'/').count() >= MAX_DEPTH {
+            self.fail(
+                rel,
+                format!("deeper than {MAX_DEPTH} directories: not folded"),
+            );
+            return Ok(());
+        }
         let action = match below {
             Some(b) if !b.is_dir() => FoldAction::Replace,
             Some(_) if opaque => FoldAction::Replace,
@@ -553,6 +627,10 @@ impl Folder<'_> {
             };
         let child_base = match base {
             Some(base) if !self.opts.dry_run => {
+                // A flagged base directory takes no new entry and no metadata: unguard it.
+                if exists && self.unguard(base, name, rel).is_none() {
+                    return Ok(());
+                }
                 let made = nix::sys::stat::mkdirat(
                     base,
                     OsStr::from_bytes(name),
@@ -642,9 +720,18 @@ impl Folder<'_> {
             self.fail(rel, format!("cannot link it down: {e}{hint}"));
             return;
         }
-        if let Err(e) = nix::fcntl::renameat(&s.new, n.as_str(), base, OsStr::from_bytes(name)) {
+        let new = s.new.try_clone().ok();
+        let Some(new) = new else { return };
+        let Some(relock) = self.unguard(base, name, rel) else {
             let _ =
-                nix::unistd::unlinkat(&s.new, n.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+                nix::unistd::unlinkat(&new, n.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+            return;
+        };
+        let renamed = nix::fcntl::renameat(&new, n.as_str(), base, OsStr::from_bytes(name));
+        self.relock(relock, rel);
+        if let Err(e) = renamed {
+            let _ =
+                nix::unistd::unlinkat(&new, n.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
             self.fail(rel, format!("cannot rename it into base: {e}"));
         }
     }

@@ -15,8 +15,18 @@ use crate::error::{Error, PathContext, Result};
 /// One extended attribute: name and value.
 pub(crate) type Xattr = (Vec<u8>, Vec<u8>);
 
-/// The unlock step of [`remove_tree`]: makes the entry `name` of directory `dir` unlinkable.
-pub(crate) type Unlock<'a> = dyn FnMut(BorrowedFd<'_>, &[u8], &Stat, &Path) -> Result<()> + 'a;
+/// The unlock step of [`remove_tree`]: makes the entry `name` of directory `dir` unlinkable;
+/// hands back the flags to set again on its inode after the unlink, when it keeps other links.
+pub(crate) type Unlock<'a> =
+    dyn FnMut(BorrowedFd<'_>, &[u8], &Stat, &Path) -> Result<Option<Relock>> + 'a;
+
+/// Flags to set again on an inode after one of its names is unlinked.
+pub(crate) struct Relock {
+    /// The inode, held open across the unlink.
+    pub fd: OwnedFd,
+    /// Its immutable and append-only flags before they were cleared.
+    pub flags: libc::c_long,
+}
 
 /// The prefix of overlayfs's own xattrs (`trusted.overlay.opaque`, `.origin`, …).
 pub(crate) const OVERLAY_XATTR: &[u8] = b"trusted.overlay.";
@@ -293,10 +303,21 @@ pub(crate) fn xattrs_at(dir: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<Vec
     Ok(out)
 }
 
+/// Directories this deep below the top of a removal are moved up to the top before they are
+/// emptied, so that removing a tree of any depth holds a bounded number of descriptors and
+/// stack frames.
+const FLATTEN_DEPTH: usize = 32;
+
 /// Removes the entry `name` of `dir` — with everything below it, if it is a directory —
 /// fd-relative, never following a symlink or crossing a mount point. When an unlink fails with
 /// `EPERM` (an immutable or append-only inode, or a directory so flagged), `unlock` is called
-/// for that entry and the unlink tried once more.
+/// for that entry and the unlink tried once more; flags `unlock` hands back are set again on
+/// the inode afterwards (it keeps other links).
+///
+/// # Algorithm
+/// Depth first, one descriptor a level, down to [`FLATTEN_DEPTH`]; a directory found there is
+/// renamed up into the top directory (as `.cowherd-deep.<n>`) and removed in a later round,
+/// so a hostile tree thousands of levels deep is removed with at most that many descriptors.
 ///
 /// # Errors
 /// The first failure; the rest of the tree is still removed as far as it can be. A mount point
@@ -307,42 +328,159 @@ pub(crate) fn remove_tree(
     name: &[u8],
     unlock: &mut Unlock<'_>,
 ) -> Result<()> {
-    use nix::unistd::{UnlinkatFlags, unlinkat};
+    use nix::unistd::UnlinkatFlags;
     let path = join(shown, name);
     let st = match lstat_at(dir, name) {
         Ok(st) => st,
         Err(nix::errno::Errno::ENOENT) => return Ok(()),
         Err(e) => return Err(e).at(&path),
     };
-    let mut first = None;
-    let how = if st.is_dir() {
-        let sub = open_dir_beneath(dir, shown, name)?;
-        // An immutable or append-only directory keeps its entries: unlock it first.
-        let guards = (crate::sys::FS_IMMUTABLE_FL | crate::sys::FS_APPEND_FL) as libc::c_int;
-        if crate::sys::get_flags(&sub).is_ok_and(|f| f & guards != 0) {
-            unlock(dir, name, &st, &path)?;
+    if !st.is_dir() {
+        return unlink_entry(dir, name, &st, &path, UnlinkatFlags::NoRemoveDir, unlock);
+    }
+    let top = open_unlocked_dir(dir, shown, name, &st, unlock)?;
+    let mut moved_up = 0;
+    loop {
+        let children = read_names(top.as_fd()).at(&path)?;
+        if children.is_empty() {
+            break;
         }
-        let children = read_names(sub.as_fd()).at(&path)?;
         for child in children {
-            let done = remove_tree(sub.as_fd(), &path, &child, unlock);
-            if let (Err(e), None) = (done, &first) {
-                first = Some(e);
+            let removal = Removal {
+                top: top.as_fd(),
+                unlock: &mut *unlock,
+                moved_up: &mut moved_up,
+            };
+            removal.remove(top.as_fd(), &path, &child, 1)?;
+        }
+    }
+    unlink_entry(dir, name, &st, &path, UnlinkatFlags::RemoveDir, unlock)
+}
+
+/// Opens directory `name` of `dir` for emptying; an immutable or append-only one is unlocked
+/// first (it keeps its entries otherwise).
+fn open_unlocked_dir(
+    dir: BorrowedFd<'_>,
+    shown: &Path,
+    name: &[u8],
+    st: &Stat,
+    unlock: &mut Unlock<'_>,
+) -> Result<OwnedFd> {
+    let sub = open_dir_beneath(dir, shown, name)?;
+    let guards = (crate::sys::FS_IMMUTABLE_FL | crate::sys::FS_APPEND_FL) as libc::c_int;
+    if crate::sys::get_flags(&sub).is_ok_and(|f| f & guards != 0) {
+        unlock(dir, name, st, &join(shown, name))?;
+    }
+    Ok(sub)
+}
+
+/// Unlinks one entry, unlocking it once on `EPERM` and relocking what `unlock` hands back.
+fn unlink_entry(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    st: &Stat,
+    path: &Path,
+    how: nix::unistd::UnlinkatFlags,
+    unlock: &mut Unlock<'_>,
+) -> Result<()> {
+    let unlink = || nix::unistd::unlinkat(dir, OsStr::from_bytes(name), how);
+    match unlink() {
+        Err(nix::errno::Errno::EPERM) => {
+            let relock = unlock(dir, name, st, path)?;
+            unlink().at(path)?;
+            if let Some(r) = relock {
+                crate::sys::add_flags(&r.fd, r.flags).at(path)?;
+            }
+            Ok(())
+        }
+        other => other.at(path),
+    }
+}
+
+/// One round of [`remove_tree`] below its top directory.
+struct Removal<'a, 'u> {
+    top: BorrowedFd<'a>,
+    unlock: &'a mut Unlock<'u>,
+    moved_up: &'a mut u64,
+}
+
+impl Removal<'_, '_> {
+    /// Removes entry `name` of `dir` (at `depth` below the top) and what is below it, or moves
+    /// it up to the top if it is a directory at [`FLATTEN_DEPTH`].
+    fn remove(
+        mut self,
+        dir: BorrowedFd<'_>,
+        shown: &Path,
+        name: &[u8],
+        depth: usize,
+    ) -> Result<()> {
+        self.remove_at(dir, shown, name, depth)
+    }
+
+    fn remove_at(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        shown: &Path,
+        name: &[u8],
+        depth: usize,
+    ) -> Result<()> {
+        use nix::unistd::UnlinkatFlags;
+        let path = join(shown, name);
+        let st = match lstat_at(dir, name) {
+            Ok(st) => st,
+            Err(nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(e).at(&path),
+        };
+        if !st.is_dir() {
+            return unlink_entry(
+                dir,
+                name,
+                &st,
+                &path,
+                UnlinkatFlags::NoRemoveDir,
+                self.unlock,
+            );
+        }
+        if depth >= FLATTEN_DEPTH {
+            return self.move_up(dir, name, &st, &path);
+        }
+        let sub = open_unlocked_dir(dir, shown, name, &st, self.unlock)?;
+        let mut first = None;
+        for child in read_names(sub.as_fd()).at(&path)? {
+            if let Err(e) = self.remove_at(sub.as_fd(), &path, &child, depth + 1) {
+                first.get_or_insert(e);
             }
         }
-        UnlinkatFlags::RemoveDir
-    } else {
-        UnlinkatFlags::NoRemoveDir
-    };
-    let unlink = || unlinkat(dir, OsStr::from_bytes(name), how);
-    let done = match unlink() {
-        Err(nix::errno::Errno::EPERM) => {
-            unlock(dir, name, &st, &path).and_then(|()| unlink().at(&path))
+        match first {
+            Some(e) => Err(e),
+            None => unlink_entry(dir, name, &st, &path, UnlinkatFlags::RemoveDir, self.unlock),
         }
-        other => other.at(&path),
-    };
-    match (first, done) {
-        (Some(e), _) | (None, Err(e)) => Err(e),
-        (None, Ok(())) => Ok(()),
+    }
+
+    /// Renames directory `name` of `dir` into the top directory under a fresh name.
+    fn move_up(&mut self, dir: BorrowedFd<'_>, name: &[u8], st: &Stat, path: &Path) -> Result<()> {
+        use nix::fcntl::RenameFlags;
+        let mut unlocked = false;
+        loop {
+            *self.moved_up += 1;
+            let to = format!(".cowherd-deep.{}", self.moved_up);
+            let renamed = nix::fcntl::renameat2(
+                dir,
+                OsStr::from_bytes(name),
+                self.top,
+                to.as_str(),
+                RenameFlags::RENAME_NOREPLACE,
+            );
+            match renamed {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EEXIST) => {}
+                Err(nix::errno::Errno::EPERM) if !unlocked => {
+                    (self.unlock)(dir, name, st, path)?;
+                    unlocked = true;
+                }
+                Err(e) => return Err(e).at(path),
+            }
+        }
     }
 }
 

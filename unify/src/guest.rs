@@ -314,19 +314,17 @@ pub(crate) fn recover_adoptions(root: &HostRoot) -> Result<()> {
 
 /// Removes `guests/<doomed>` and puts back the immutable flags cleared on the way.
 pub(crate) fn remove_doomed(root: &HostRoot, doomed: &str) -> Result<()> {
-    let result = fsx::remove_tree(
+    store::remove_guest_tree(
+        root,
         root.guests_fd(),
         &root.guests_dir(),
         doomed.as_bytes(),
-        &mut |dir, name, st, shown| store::unlock_entry(root, dir, name, st, shown),
-    );
-    if let Some(e) = store::restore_immutable(root)?.into_iter().next() {
-        return Err(e);
-    }
-    result
+    )
 }
 
-/// Finishes destroys a killed run left (`guests/.NAME.destroying`).
+/// Finishes destroys a killed run left (`guests/.NAME.destroying`), as far as it can: what
+/// cannot be removed now stays for the next writer (it is no guest's any more), so that one
+/// bad leftover never stops every command.
 pub(crate) fn recover_destroys(root: &HostRoot) -> Result<()> {
     let dir = root.guests_dir();
     for entry in std::fs::read_dir(&dir).at(&dir)? {
@@ -335,7 +333,7 @@ pub(crate) fn recover_destroys(root: &HostRoot) -> Result<()> {
             && name.starts_with('.')
             && name.ends_with(DESTROYING)
         {
-            remove_doomed(root, name)?;
+            let _ = remove_doomed(root, name);
         }
     }
     Ok(())

@@ -5,6 +5,7 @@ use std::ffi::OsStr;
 use std::ops::ControlFlow;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -57,10 +58,14 @@ pub fn destroy(root: &HostRoot, name: &str) -> Result<DestroyReport> {
     nix::fcntl::renameat(root.guests_fd(), name, root.guests_fd(), doomed.as_str())
         .at(root.guests_dir().join(name))?;
     let idx = &root.index;
-    idx.exec(
-        "DELETE FROM files WHERE guest_id IN (SELECT id FROM guests WHERE name = ?1)",
-        [name],
-    )?;
+    for table in ["files", "journal"] {
+        idx.exec(
+            &format!(
+                "DELETE FROM {table} WHERE guest_id IN (SELECT id FROM guests WHERE name = ?1)"
+            ),
+            [name],
+        )?;
+    }
     idx.exec("DELETE FROM guests WHERE name = ?1", [name])?;
     remove_doomed(root, &doomed)?;
     Ok(DestroyReport {
@@ -301,8 +306,7 @@ impl Splitter<'_> {
         )?;
         let row = idx.conn.last_insert_rowid();
         if crate::sys::is_immutable(src.as_fd()).unwrap_or(false) {
-            store::journal_mutable(self.root, object)?;
-            store::set_object_immutable(self.root, object, false)?;
+            store::unlock_object(self.root, object)?;
         }
         let renamed =
             nix::fcntl::renameat(self.tmp, tmp_name.as_str(), parent, OsStr::from_bytes(name))
@@ -345,6 +349,7 @@ impl View {
         let guest_dir =
             fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), record.name.as_bytes())?;
         clear_scratch(root, guest_dir.as_fd(), paths)?;
+        crate::overlay::match_root_metadata(root, paths)?;
         let path = paths.tmp.join("view");
         fsx::ensure_dir(&path, 0o700)?;
         let data = crate::overlay::view_options(paths)?;
@@ -444,18 +449,38 @@ pub fn export(root: &HostRoot, name: &str, dest: &Path, as_tar: bool) -> Result<
     };
     let mut create = tar();
     create
-        .args(["--create", "--one-file-system", "--directory"])
+        .args([
+            "--create",
+            "--one-file-system",
+            "--file",
+            "-",
+            "--directory",
+        ])
         .arg(&source)
-        .args(TAR_KEEP);
+        .args(TAR_KEEP)
+        .arg(".");
     if as_tar {
-        create.arg("--file").arg(dest).arg(".");
-        if to_stdout {
-            create.stdout(Stdio::inherit());
+        if !to_stdout {
+            // Made here, not by tar: never through a symlink planted at DEST, never readable
+            // by other users (it holds the guest's secrets).
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(dest)
+                .at(dest)?;
+            create.stdout(file);
         }
         run(&mut create, dest)?;
     } else {
-        fsx::ensure_dir(dest, 0o700)?;
-        create.args(["--file", "-", "."]).stdout(Stdio::piped());
+        // 0700 while tar fills it (`--no-overwrite-dir` keeps it so), the guest root's
+        // metadata once complete.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dest)
+            .at(dest)?;
+        create.stdout(Stdio::piped());
         let mut producer = create.spawn().map_err(|e| Error::Io {
             path: dest.to_path_buf(),
             error: e,
@@ -473,8 +498,8 @@ pub fn export(root: &HostRoot, name: &str, dest: &Path, as_tar: bool) -> Result<
                     "-",
                     "--same-owner",
                     "--preserve-permissions",
-                    "--directory",
                 ])
+                .args(["--no-overwrite-dir", "--directory"])
                 .arg(dest)
                 .args(TAR_KEEP)
                 .stdin(pipe),
@@ -493,6 +518,10 @@ pub fn export(root: &HostRoot, name: &str, dest: &Path, as_tar: bool) -> Result<
                 )),
             });
         }
+        let from = fsx::open_dir(&source)?;
+        let st = fsx::fstat(&from).at(&source)?;
+        let xattrs = fsx::xattrs_at(from.as_fd(), b".").at(&source)?;
+        fsx::set_dir_metadata(fsx::open_dir(dest)?.as_fd(), &st, &xattrs).at(dest)?;
     }
     Ok(ExportReport {
         guest: name.to_string(),

@@ -447,6 +447,14 @@ pub fn gc(root: &HostRoot, dry_run: bool) -> Result<GcReport> {
             }
             report.removed_bytes += st.blocks * 512;
             if !dry_run {
+                // The row goes first: a row left behind by a kill could name an inode number
+                // the filesystem gives to a new object later.
+                root.index.exec(
+                    "UPDATE files SET object_id = NULL WHERE object_id IN (SELECT id FROM objects WHERE name = ?1)",
+                    [&name],
+                )?;
+                root.index
+                    .exec("DELETE FROM objects WHERE name = ?1", [&name])?;
                 if store::object_is_immutable(root, &name)? {
                     store::set_object_immutable(root, &name, false)?;
                 }
@@ -456,12 +464,6 @@ pub fn gc(root: &HostRoot, dry_run: bool) -> Result<GcReport> {
                     nix::unistd::UnlinkatFlags::NoRemoveDir,
                 )
                 .at(entry.path())?;
-                root.index.exec(
-                    "UPDATE files SET object_id = NULL WHERE object_id IN (SELECT id FROM objects WHERE name = ?1)",
-                    [&name],
-                )?;
-                root.index
-                    .exec("DELETE FROM objects WHERE name = ?1", [&name])?;
             }
             report.removed.push(name);
         }

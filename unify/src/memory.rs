@@ -4,7 +4,7 @@
 //! cached once per guest.
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::fcntl::OFlag;
 use rayon::prelude::*;
@@ -70,6 +70,36 @@ fn inode_object_bytes() -> Option<u64> {
         .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
 }
 
+/// Whether the upper layer hides the lower path `rel`, so the guest does not read it: upper
+/// holds the path itself (copied up, replaced, whited out), or an ancestor that is not a
+/// directory (whiteout, file, symlink) or is an opaque directory. Each component is looked up
+/// on its own, following no symlink.
+fn shadowed(upper: BorrowedFd<'_>, rel: &[u8]) -> bool {
+    let parts: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
+    let Some((last, ancestors)) = parts.split_last() else {
+        return false;
+    };
+    let mut dir: Option<OwnedFd> = None;
+    for part in ancestors {
+        let at = dir.as_ref().map_or(upper, AsFd::as_fd);
+        match fsx::lstat_at(at, part) {
+            Err(_) => return false,
+            Ok(st) if !st.is_dir() => return true,
+            Ok(_) => {}
+        }
+        let opaque = xattr::get(fsx::entry_path(at, part), "trusted.overlay.opaque");
+        if matches!(opaque, Ok(Some(v)) if v == b"y") {
+            return true;
+        }
+        let Ok(next) = fsx::open_beneath(at, part, OFlag::O_RDONLY | OFlag::O_DIRECTORY) else {
+            return true;
+        };
+        dir = Some(next);
+    }
+    let at = dir.as_ref().map_or(upper, AsFd::as_fd);
+    fsx::lstat_at(at, last).is_ok()
+}
+
 /// Measures what sharing saves in memory for the mounted guests now.
 ///
 /// # Algorithm
@@ -129,7 +159,7 @@ pub fn memory_stats(root: &HostRoot, top: usize) -> Result<MemoryStats> {
         while let Some(r) = rows.next().map_err(|e| idx.err(e))? {
             let object: i64 = r.get(0).map_err(|e| idx.err(e))?;
             let path: Vec<u8> = r.get(3).map_err(|e| idx.err(e))?;
-            if last == Some(object) || fsx::lstat_at(upper.as_fd(), &path).is_ok() {
+            if last == Some(object) || shadowed(upper.as_fd(), &path) {
                 continue;
             }
             last = Some(object);

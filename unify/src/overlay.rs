@@ -273,7 +273,7 @@ fn prepare(root: &HostRoot, record: &GuestRecord, paths: &GuestPaths) -> Result<
 /// Gives a pristine upper layer (empty, never mounted: no `trusted.overlay.*` xattrs) the
 /// owner, mode, xattrs and mtime of base's root: the overlay shows its root directory with the
 /// upper root's metadata, and the guest must see its own.
-fn match_root_metadata(root: &HostRoot, paths: &GuestPaths) -> Result<()> {
+pub(crate) fn match_root_metadata(root: &HostRoot, paths: &GuestPaths) -> Result<()> {
     let guest = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), paths.name.as_bytes())?;
     let upper = fsx::open_dir_beneath(guest.as_fd(), &paths.dir, b"upper")?;
     let pristine = fsx::read_names(upper.as_fd()).at(&paths.upper)?.is_empty()

@@ -309,47 +309,87 @@ pub(crate) fn journal_mutable(root: &HostRoot, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The name of the store object whose inode `st` is, if any (per the index, confirmed on the
-/// object itself).
+/// The name of the store object whose inode `st` is, if any: of the index's objects recorded
+/// with that inode number (a stale row may share it with a new object), the one whose file is
+/// that inode.
 pub(crate) fn object_of_inode(root: &HostRoot, st: &Stat) -> Result<Option<String>> {
-    let name: Option<String> = root
-        .index
+    let idx = &root.index;
+    let names: Vec<String> = idx
         .conn
-        .query_row(
-            "SELECT name FROM objects WHERE ino = ?1",
-            [st.ino as i64],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(|e| root.index.err(e))?;
-    Ok(name.filter(|n| {
+        .prepare_cached("SELECT name FROM objects WHERE ino = ?1")
+        .and_then(|mut stmt| {
+            stmt.query_map([st.ino as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()
+        })
+        .map_err(|e| idx.err(e))?;
+    Ok(names.into_iter().find(|n| {
         fsx::lstat_at(root.objects_fd(), object_rel(n).as_bytes())
             .is_ok_and(|o| o.ino == st.ino && o.dev == st.dev)
     }))
 }
 
+/// Clears the immutable flag of object `name` for a change, journalled first (committed), so
+/// that [`restore_immutable`] sets it again — also after a crash.
+pub(crate) fn unlock_object(root: &HostRoot, name: &str) -> Result<()> {
+    journal_mutable(root, name)?;
+    set_object_immutable(root, name, false)
+}
+
 /// Makes the entry `name` of `dir` (of inode `st`) unlinkable: clears its immutable and
-/// append-only flags. For a store object — shared with other guests — the clearing is
-/// journalled first and [`restore_immutable`] puts the flag back; any other inode is the
-/// caller's to delete and keeps its flags cleared.
+/// append-only flags. A store object's flag is cleared journalled ([`unlock_object`]) and comes
+/// back with [`restore_immutable`]. Any other inode's flags are cleared directly and, if it
+/// has other links (an object the index does not know, say), handed back to be set again
+/// right after the unlink.
 ///
 /// # Errors
-/// Index errors, and [`Error::Io`] naming `shown` if the flags cannot be cleared.
+/// Index errors, and [`Error::Io`] naming `shown` if the flags cannot be cleared, or for a
+/// special file (never opened: it could be a host device).
 pub(crate) fn unlock_entry(
     root: &HostRoot,
     dir: BorrowedFd<'_>,
     name: &[u8],
     st: &Stat,
     shown: &std::path::Path,
-) -> Result<()> {
+) -> Result<Option<fsx::Relock>> {
     if let Some(object) = object_of_inode(root, st)? {
-        journal_mutable(root, &object)?;
-        return set_object_immutable(root, &object, false);
+        unlock_object(root, &object)?;
+        return Ok(None);
+    }
+    if !st.is_file() && !st.is_dir() {
+        return Err(Error::Io {
+            path: shown.to_path_buf(),
+            error: std::io::Error::other(
+                "cannot be removed (EPERM), and a special file is never opened to clear its flags",
+            ),
+        });
     }
     let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW;
     let fd = fsx::open_beneath(dir, name, flags).at(shown)?;
+    let guards = sys::FS_IMMUTABLE_FL | sys::FS_APPEND_FL;
+    let was = libc::c_long::from(sys::get_flags(&fd).at(shown)?) & guards;
     sys::clear_unlink_guards(&fd).at(shown)?;
-    Ok(())
+    Ok((st.nlink > 1 && !st.is_dir() && was != 0).then_some(fsx::Relock { fd, flags: was }))
+}
+
+/// Removes the entry `name` of `dir` and everything below it ([`fsx::remove_tree`]), unlocking
+/// what carries the immutable or append-only flag ([`unlock_entry`]), then puts back the
+/// immutable flags of the store objects unlocked on the way.
+///
+/// # Errors
+/// The removal's first error, else the first object whose flag could not be set again.
+pub(crate) fn remove_guest_tree(
+    root: &HostRoot,
+    dir: BorrowedFd<'_>,
+    shown: &std::path::Path,
+    name: &[u8],
+) -> Result<()> {
+    let result = fsx::remove_tree(dir, shown, name, &mut |dir, name, st, shown| {
+        unlock_entry(root, dir, name, st, shown)
+    });
+    if let Some(e) = restore_immutable(root)?.into_iter().next() {
+        return Err(e);
+    }
+    result
 }
 
 /// Sets the immutable flag again on every object whose `mutable` journal row says it was
