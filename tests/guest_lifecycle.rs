@@ -39,13 +39,20 @@ fn pair_guest(dir: &Path, variant: u32) {
     t.finish();
 }
 
-fn pair_root(s: &Scratch) -> PathBuf {
+/// A root with the pair guests g1 and g2 adopted, `rule` first in its policy.
+fn pair_root_with(s: &Scratch, rule: &str) -> PathBuf {
     let root = init_root(s.path());
     let mut policy = fs::read_to_string(root.join("policy.toml")).unwrap();
-    policy = policy.replacen("rules = [", "rules = [\n  \"immutable /usr/sbin/**\",", 1);
+    policy = policy.replacen("rules = [", &format!("rules = [\n  \"{rule}\","), 1);
     fs::write(root.join("policy.toml"), policy).unwrap();
     adopt_built(&root, s.path(), "g1", |d| pair_guest(d, 1));
     adopt_built(&root, s.path(), "g2", |d| pair_guest(d, 2));
+    root
+}
+
+/// The pair guests, `/usr/sbin` immutable, unified.
+fn pair_root(s: &Scratch) -> PathBuf {
+    let root = pair_root_with(s, "immutable /usr/sbin/**");
     cowherd(&root).args(["unify", "--all"]).assert().success();
     root
 }
@@ -476,12 +483,7 @@ fn a_guest_tree_thousands_of_levels_deep_is_destroyed_with_few_descriptors() {
 fn fold_replaces_a_base_path_that_is_an_immutable_store_link() {
     assert_root();
     let s = Scratch::new("fold-immutable-object");
-    let root = init_root(s.path());
-    let mut policy = fs::read_to_string(root.join("policy.toml")).unwrap();
-    policy = policy.replacen("rules = [", "rules = [\n  \"immutable /usr/bin/**\",", 1);
-    fs::write(root.join("policy.toml"), policy).unwrap();
-    adopt_built(&root, s.path(), "g1", |d| pair_guest(d, 1));
-    adopt_built(&root, s.path(), "g2", |d| pair_guest(d, 2));
+    let root = pair_root_with(&s, "immutable /usr/bin/**");
     {
         let _m = mount(&root, &["g1"]);
         fs::write(rootfs(&root, "g1").join("usr/bin/tool"), b"patched by g1").unwrap();

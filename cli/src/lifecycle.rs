@@ -9,18 +9,9 @@ use cowherd_unify::{
 };
 use serde::Serialize;
 
-use crate::EXIT_PARTIAL;
 use crate::bars::Bars;
 use crate::fmt;
-
-/// The guests a command acts on: the named ones, or every guest with `all`.
-fn selected(root: &HostRoot, names: &[String], all: bool) -> Result<Vec<String>> {
-    Ok(if all {
-        cowherd_unify::guest_names(root)?
-    } else {
-        names.to_vec()
-    })
-}
+use crate::{EXIT_PARTIAL, Select};
 
 /// Runs `f` for each guest. One named guest: its error is the command's error (exit 1). Several:
 /// each failure is reported on stderr and the others go on; the exit code says so (3).
@@ -59,15 +50,8 @@ fn mounted_at(root: &HostRoot, name: &str) -> Option<std::path::PathBuf> {
     }
 }
 
-pub fn mount(
-    root: &HostRoot,
-    names: &[String],
-    all: bool,
-    fold: bool,
-    json: bool,
-    bars: &Bars,
-) -> Result<u8> {
-    let names = selected(root, names, all)?;
+pub fn mount(root: &HostRoot, select: &Select, fold: bool, json: bool, bars: &Bars) -> Result<u8> {
+    let names = select.names(root)?;
     let (done, code) = each_guest(&names, |name| {
         if fold {
             crate::lifecycle::fold_and_unify(root, name, bars)?;
@@ -161,14 +145,8 @@ fn print_fold(r: &FoldReport) {
     );
 }
 
-pub fn fold(
-    root: &HostRoot,
-    names: &[String],
-    all: bool,
-    opts: &FoldOptions,
-    json: bool,
-) -> Result<u8> {
-    let (names, skipped) = offline_guests(root, names, all)?;
+pub fn fold(root: &HostRoot, select: &Select, opts: &FoldOptions, json: bool) -> Result<u8> {
+    let (names, skipped) = offline_guests(root, select)?;
     let (done, mut code) = each_guest(&names, |name| Ok(cowherd_unify::fold(root, name, opts)?))?;
     if done.iter().any(|(_, r)| !r.failures.is_empty()) {
         code = EXIT_PARTIAL;
@@ -185,13 +163,9 @@ pub fn fold(
 
 /// With `all`, every guest that is not mounted, and the mounted ones apart: a host always has
 /// running guests, and `--all` leaves them for their next restart.
-fn offline_guests(
-    root: &HostRoot,
-    names: &[String],
-    all: bool,
-) -> Result<(Vec<String>, Vec<String>)> {
-    if !all {
-        return Ok((names.to_vec(), Vec::new()));
+fn offline_guests(root: &HostRoot, select: &Select) -> Result<(Vec<String>, Vec<String>)> {
+    if !select.all {
+        return Ok((select.names(root)?, Vec::new()));
     }
     let (mounted, offline): (Vec<_>, Vec<_>) = cowherd_unify::mount_states(root)?
         .into_iter()
@@ -213,8 +187,8 @@ pub fn skipped_note(skipped: &[String], verb: &str) {
     }
 }
 
-pub fn umount(root: &HostRoot, names: &[String], all: bool, json: bool) -> Result<u8> {
-    let names = selected(root, names, all)?;
+pub fn umount(root: &HostRoot, select: &Select, json: bool) -> Result<u8> {
+    let names = select.names(root)?;
     let (done, code) = each_guest(&names, |name| {
         let path = mounted_at(root, name);
         let outcome = cowherd_unify::umount(root, name)?;

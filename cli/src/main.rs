@@ -73,12 +73,8 @@ path recorded by `adopt --in-place`. Idempotent: a guest mounted as cowherd moun
 alone; a mount made with other options or layers is reported and not trusted."
     )]
     Mount {
-        /// Guests to mount.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        guests: Vec<String>,
-        /// Mount every guest.
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        select: Select,
         /// Before mounting an unmounted guest, fold its upper layer into base and unify it, so
         /// that what it changed is shared again (use it at every restart).
         #[arg(long)]
@@ -89,12 +85,8 @@ alone; a mount made with other options or layers is reported and not trusted."
     },
     /// Unmount guests' overlays; refuses while a process uses one, naming it.
     Umount {
-        /// Guests to unmount.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        guests: Vec<String>,
-        /// Unmount every guest.
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        select: Select,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -110,12 +102,8 @@ sees does not change at any instant, even if fold is killed; the next run finish
 upper/ and work/ are empty. Then `cowherd unify GUEST` shares what can be shared."
     )]
     Fold {
-        /// Guests to fold.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        guests: Vec<String>,
-        /// Fold every unmounted guest (mounted ones are skipped and listed).
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        select: Select,
         /// List what would move; change nothing.
         #[arg(short = 'n', long)]
         dry_run: bool,
@@ -241,14 +229,32 @@ are shared, immutable paths are shared and get the inode's immutable flag."
     },
 }
 
+/// Which guests a command acts on.
 #[derive(Args)]
-struct UnifyArgs {
-    /// Guests to unify.
+pub(crate) struct Select {
+    /// The guests.
     #[arg(required_unless_present = "all", conflicts_with = "all")]
     guests: Vec<String>,
-    /// Unify every guest.
+    /// Every guest (`unify` and `fold`: every unmounted one; the mounted ones are listed).
     #[arg(long)]
     all: bool,
+}
+
+impl Select {
+    /// The guests named, or with `--all` every guest of the root.
+    pub(crate) fn names(&self, root: &HostRoot) -> Result<Vec<String>> {
+        Ok(if self.all {
+            cowherd_unify::guest_names(root)?
+        } else {
+            self.guests.clone()
+        })
+    }
+}
+
+#[derive(Args)]
+struct UnifyArgs {
+    #[command(flatten)]
+    select: Select,
     /// Hash and report exactly what would be linked and saved; change nothing.
     #[arg(short = 'n', long)]
     dry_run: bool,
@@ -317,25 +323,14 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::List { json } => list(&cli.root, json),
-        Command::Mount {
-            guests,
-            all,
-            fold,
-            json,
-        } => lifecycle::mount(
-            &open(&cli.root, Access::Write)?,
-            &guests,
-            all,
-            fold,
-            json,
-            &bars,
-        ),
-        Command::Umount { guests, all, json } => {
-            lifecycle::umount(&open(&cli.root, Access::Write)?, &guests, all, json)
+        Command::Mount { select, fold, json } => {
+            lifecycle::mount(&open(&cli.root, Access::Write)?, &select, fold, json, &bars)
+        }
+        Command::Umount { select, json } => {
+            lifecycle::umount(&open(&cli.root, Access::Write)?, &select, json)
         }
         Command::Fold {
-            guests,
-            all,
+            select,
             dry_run,
             json,
             verbose,
@@ -345,7 +340,7 @@ fn run(cli: Cli) -> Result<u8> {
                 dry_run,
                 list_entries: verbose,
             };
-            lifecycle::fold(&root, &guests, all, &opts, json)
+            lifecycle::fold(&root, &select, &opts, json)
         }
         Command::Split { guest, paths, json } => {
             lifecycle::split(&open(&cli.root, Access::Write)?, &guest, &paths, json)
@@ -532,7 +527,7 @@ fn unify(root: &Path, args: UnifyArgs, bars: &Bars) -> Result<u8> {
         max_links: args.max_links,
         list_paths: args.verbose,
     };
-    let report = cowherd_unify::unify(&root, &args.guests, &opts, bars)?;
+    let report = cowherd_unify::unify(&root, &args.select.guests, &opts, bars)?;
     for failure in &report.failures {
         eprintln!("warning: {failure}");
     }

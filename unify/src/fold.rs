@@ -23,8 +23,7 @@ use serde::Serialize;
 
 use crate::error::{Error, PathContext, Result};
 use crate::fsx::{self, OVERLAY_XATTR, Stat, Xattr};
-use crate::guest::{GuestPaths, check_offline, guest_record};
-use crate::mountinfo::MountTable;
+use crate::guest::{GuestPaths, OfflineGuest};
 use crate::overlay::match_root_metadata;
 use crate::report::{Failure, guest_abs};
 use crate::root::HostRoot;
@@ -197,21 +196,14 @@ fn overlay_xattr<'x>(xattrs: &'x [(Vec<u8>, Vec<u8>)], key: &str) -> Option<&'x 
 /// layer written with `metacopy` or `redirect_dir`, I/O errors on the guest's own directories.
 /// An entry that cannot be folded is a [`Failure`] in the report; the upper layer then stays.
 pub fn fold(root: &HostRoot, name: &str, opts: &FoldOptions) -> Result<FoldReport> {
-    let record = guest_record(root, name)?;
-    check_offline(
-        root,
-        &record,
-        &MountTable::all().at("/proc/self/mountinfo")?,
-    )?;
-    let paths = GuestPaths::new(root, &record);
-    let dir = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), name.as_bytes())?;
-    let open = |rel: &str| fsx::open_dir_beneath(dir.as_fd(), &paths.dir, rel.as_bytes());
-    let base = open("base")?;
-    let upper = match open("upper") {
+    let guest = OfflineGuest::open(root, name)?;
+    let (paths, dir) = (&guest.paths, &guest.dir);
+    let base = guest.open_dir("base")?;
+    let upper = match guest.open_dir("upper") {
         Ok(fd) => fd,
         Err(Error::Io { error, .. }) if error.raw_os_error() == Some(libc::ENOENT) => {
             fsx::ensure_dir(&paths.upper, 0o755)?;
-            open("upper")?
+            guest.open_dir("upper")?
         }
         Err(e) => return Err(e),
     };
@@ -221,7 +213,7 @@ pub fn fold(root: &HostRoot, name: &str, opts: &FoldOptions) -> Result<FoldRepor
     let mut folder = Folder {
         root,
         guest: name,
-        paths: &paths,
+        paths,
         opts: *opts,
         scratch: None,
         seq: 0,
@@ -234,10 +226,10 @@ pub fn fold(root: &HostRoot, name: &str, opts: &FoldOptions) -> Result<FoldRepor
         },
     };
     if !opts.dry_run {
-        clear_scratch(root, dir.as_fd(), &paths)?;
+        clear_scratch(root, dir.as_fd(), paths)?;
         folder.scratch = Some(Scratch::make(dir.as_fd(), &paths.tmp)?);
         // A never-mounted upper has its own root metadata, not what the guest sees.
-        match_root_metadata(root, &paths)?;
+        match_root_metadata(root, paths)?;
     }
     let (upper_root, _) = lstat_rdev(upper.as_fd(), b".").at(&paths.upper)?;
     let root_xattrs = fsx::xattrs_at(upper.as_fd(), b".").at(&paths.upper)?;
@@ -256,9 +248,9 @@ pub fn fold(root: &HostRoot, name: &str, opts: &FoldOptions) -> Result<FoldRepor
     }
     let guest_id = root.index.guest_id(name)?;
     journal_flags(root, guest_id, &folder.flags)?;
-    swap_upper(dir.as_fd(), &paths, &upper_root, &root_xattrs)?;
-    clear_scratch(root, dir.as_fd(), &paths)?;
-    let work = open("work")?;
+    swap_upper(dir.as_fd(), paths, &upper_root, &root_xattrs)?;
+    clear_scratch(root, dir.as_fd(), paths)?;
+    let work = guest.open_dir("work")?;
     for child in fsx::read_names(work.as_fd()).at(&paths.work)? {
         store::remove_guest_tree(root, work.as_fd(), &paths.work, &child)?;
     }

@@ -330,10 +330,8 @@ pub(crate) fn remove_tree(
 ) -> Result<()> {
     use nix::unistd::UnlinkatFlags;
     let path = join(shown, name);
-    let st = match lstat_at(dir, name) {
-        Ok(st) => st,
-        Err(nix::errno::Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(e).at(&path),
+    let Some(st) = lstat_or_gone(dir, name, &path)? else {
+        return Ok(());
     };
     if !st.is_dir() {
         return unlink_entry(dir, name, &st, &path, UnlinkatFlags::NoRemoveDir, unlock);
@@ -355,6 +353,15 @@ pub(crate) fn remove_tree(
         }
     }
     unlink_entry(dir, name, &st, &path, UnlinkatFlags::RemoveDir, unlock)
+}
+
+/// `lstat` of entry `name` of `dir`, `None` if it is gone.
+fn lstat_or_gone(dir: BorrowedFd<'_>, name: &[u8], path: &Path) -> Result<Option<Stat>> {
+    match lstat_at(dir, name) {
+        Ok(st) => Ok(Some(st)),
+        Err(nix::errno::Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e).at(path),
+    }
 }
 
 /// Opens directory `name` of `dir` for emptying; an immutable or append-only one is unlocked
@@ -426,10 +433,8 @@ impl Removal<'_, '_> {
     ) -> Result<()> {
         use nix::unistd::UnlinkatFlags;
         let path = join(shown, name);
-        let st = match lstat_at(dir, name) {
-            Ok(st) => st,
-            Err(nix::errno::Errno::ENOENT) => return Ok(()),
-            Err(e) => return Err(e).at(&path),
+        let Some(st) = lstat_or_gone(dir, name, &path)? else {
+            return Ok(());
         };
         if !st.is_dir() {
             return unlink_entry(

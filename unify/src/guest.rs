@@ -512,6 +512,39 @@ pub(crate) fn open_guest(root: &HostRoot, name: &str) -> Result<OpenGuest> {
     })
 }
 
+/// A guest checked to be offline, with its record, paths and directory fd: what every verb
+/// that changes a guest's layers starts from.
+pub(crate) struct OfflineGuest {
+    pub record: GuestRecord,
+    pub paths: GuestPaths,
+    /// `guests/<name>`, opened beneath the guests directory.
+    pub dir: OwnedFd,
+}
+
+impl OfflineGuest {
+    /// Opens guest `name`, refusing it while it is in use anywhere on the host
+    /// ([`check_offline`]).
+    ///
+    /// # Errors
+    /// [`Error::NoSuchGuest`], [`Error::Mounted`], [`Error::InUse`], record and I/O errors.
+    pub fn open(root: &HostRoot, name: &str) -> Result<OfflineGuest> {
+        let record = guest_record(root, name)?;
+        check_offline(
+            root,
+            &record,
+            &MountTable::all().at("/proc/self/mountinfo")?,
+        )?;
+        let paths = GuestPaths::new(root, &record);
+        let dir = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), name.as_bytes())?;
+        Ok(OfflineGuest { record, paths, dir })
+    }
+
+    /// Opens the directory `rel` of the guest's directory (`base`, `upper`, `tmp`…).
+    pub fn open_dir(&self, rel: &str) -> Result<OwnedFd> {
+        fsx::open_dir_beneath(self.dir.as_fd(), &self.paths.dir, rel.as_bytes())
+    }
+}
+
 /// Refuses a guest that is in use: a mount at or below its directory or at its mount point (its
 /// overlay, say), or an overlay in any mount namespace of the host that has one of its
 /// directories as a layer (a copy of its overlay held by a process in another namespace).

@@ -19,7 +19,7 @@ use crate::error::{Error, PathContext, Result};
 use crate::fold::clear_scratch;
 use crate::fsx::{self, Stat, Visit};
 use crate::guest::{
-    DESTROYING, GuestPaths, GuestRecord, check_offline, guest_record, remove_doomed,
+    DESTROYING, GuestPaths, GuestRecord, OfflineGuest, check_offline, guest_record, remove_doomed,
 };
 use crate::mountinfo::MountTable;
 use crate::overlay::{MountState, state_in};
@@ -48,12 +48,7 @@ pub struct DestroyReport {
 /// # Errors
 /// [`Error::Mounted`] / [`Error::InUse`], [`Error::NoSuchGuest`], I/O and index errors.
 pub fn destroy(root: &HostRoot, name: &str) -> Result<DestroyReport> {
-    let record = guest_record(root, name)?;
-    check_offline(
-        root,
-        &record,
-        &MountTable::all().at("/proc/self/mountinfo")?,
-    )?;
+    let record = OfflineGuest::open(root, name)?.record;
     let doomed = format!(".{name}{DESTROYING}");
     nix::fcntl::renameat(root.guests_fd(), name, root.guests_fd(), doomed.as_str())
         .at(root.guests_dir().join(name))?;
@@ -107,14 +102,11 @@ pub struct SplitReport {
 /// [`Error::Mounted`] / [`Error::InUse`], record and index errors; a path that cannot be split
 /// is a [`Failure`] in the report.
 pub fn split(root: &HostRoot, name: &str, paths: &[String]) -> Result<SplitReport> {
-    let mut record = guest_record(root, name)?;
-    check_offline(
-        root,
-        &record,
-        &MountTable::all().at("/proc/self/mountinfo")?,
-    )?;
-    let gpaths = GuestPaths::new(root, &record);
-    let guest_dir = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), name.as_bytes())?;
+    let OfflineGuest {
+        mut record,
+        paths: gpaths,
+        dir: guest_dir,
+    } = OfflineGuest::open(root, name)?;
     let base = fsx::open_dir_beneath(guest_dir.as_fd(), &gpaths.dir, b"base")?;
     clear_scratch(root, guest_dir.as_fd(), &gpaths)?;
     let mode = Mode::from_bits_truncate(0o700);
