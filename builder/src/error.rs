@@ -17,8 +17,10 @@ pub enum Error {
     /// No command was given to run.
     #[error("no command to run: give the program and its arguments after `--`")]
     EmptyCommand,
-    /// A hostname the kernel would refuse.
-    #[error("invalid hostname {hostname:?}: use 1 to 64 bytes")]
+    /// A hostname the kernel, or a resolver, would refuse.
+    #[error(
+        "invalid hostname {hostname:?}: use letters, digits and `-` in dot-separated labels of 1 to 63 characters"
+    )]
     BadHostname {
         /// The rejected hostname.
         hostname: String,
@@ -37,14 +39,54 @@ pub enum Error {
         /// The `proc` directory expected inside the guest's tree.
         path: PathBuf,
     },
-    /// A util-linux program needed to start a command is not installed on the host.
-    #[error("the `{program}` program is not in {searched}: install the util-linux package")]
+    /// A program the builder runs is not installed on the host.
+    #[error("`{program}` is not installed on this host: install the {package} package")]
     MissingProgram {
-        /// The program (`unshare`, `setpriv`).
+        /// The program (`unshare`, `mmdebstrap`, `rsync`, …).
         program: &'static str,
-        /// The directories searched, as a `PATH` value.
-        searched: &'static str,
+        /// The Debian package that has it.
+        package: &'static str,
     },
+    /// A file of the template cache is not what cowherd wrote.
+    #[error("{path}: {message} (remove that version with `cowherd template remove`)")]
+    BadCache {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A step of a template build failed.
+    #[error("building template {template}: {step} failed: {message}")]
+    Step {
+        /// The template.
+        template: String,
+        /// The step or tool.
+        step: String,
+        /// How it failed.
+        message: String,
+    },
+    /// A template that has no built version.
+    #[error("template {template} is not built: run `cowherd template build {template}`")]
+    NotBuilt {
+        /// The template (`name` or `name@version`).
+        template: String,
+    },
+    /// A built template that guests were built from.
+    #[error(
+        "template {template} is in use by guests {guests}: destroy them first, or keep it (`template rebuild` makes a new version beside it)"
+    )]
+    TemplateInUse {
+        /// `name@version`.
+        template: String,
+        /// The guests, comma-separated.
+        guests: String,
+    },
+    /// A template definition is wrong or unknown.
+    #[error(transparent)]
+    Template(#[from] crate::template::TemplateError),
+    /// An error of the store, the index or a guest's layout.
+    #[error(transparent)]
+    Unify(#[from] cowherd_unify::Error),
     /// Setting up the command's namespaces failed.
     #[error("{path}: cannot {step}: {error} (running a command in a guest needs root)")]
     Namespace {

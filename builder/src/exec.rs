@@ -235,7 +235,7 @@ fn find_program(program: &'static str) -> Result<PathBuf, Error> {
         .find(|path| path.is_file())
         .ok_or(Error::MissingProgram {
             program,
-            searched: PATH,
+            package: "util-linux",
         })
 }
 

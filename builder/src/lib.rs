@@ -1,10 +1,30 @@
-//! Building guests: running commands inside a guest's tree (`exec`); creation from templates
-//! (mmdebstrap, tarballs, other guests) and import from physical machines by rsync come with
-//! later issues.
+//! Building guests: template definitions (`template`), their builds kept in the template cache
+//! (`cache`), guests cloned from a built template with their own identity (`build`,
+//! `identity`), commands run inside a guest's tree (`exec`), and physical machines imported by
+//! rsync (`import`).
 #![warn(missing_docs)]
 
+mod build;
+mod cache;
 mod error;
 mod exec;
+mod identity;
+mod import;
+mod template;
 
+pub use build::{GuestBuild, build_guest, numbered_names};
+pub use cache::{
+    Built, BuiltRecord, build_template, guests_using, latest, remove_template, template_policy,
+    versions,
+};
 pub use error::Error;
 pub use exec::{Exec, ExecOutput};
+pub use identity::{give_identity, validate_hostname};
+pub use import::{
+    EXCLUDED, Fixups, GUEST_INTERFACES, ImportError, ImportOptions, ImportReport, MASKED_UNITS,
+    NEUTRAL_FSTAB, ORIG_SUFFIX, Source, apply_fixups, import,
+};
+pub use template::{
+    Base, Bootstrapper, Location, Template, TemplateError, TemplateOrigin, TemplateSet,
+    parse_template,
+};

@@ -6,6 +6,7 @@ mod out;
 mod demo;
 mod fmt;
 mod lifecycle;
+mod templates;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -161,6 +162,15 @@ every capability, in the host's network.")]
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
     },
+    /// Distro templates: list, show, build into the cache, rebuild, remove, check a file.
+    Template {
+        #[command(subcommand)]
+        command: templates::TemplateCommand,
+    },
+    /// Make guests from a built template in about a second each: shareable files are new links
+    /// to the template's store objects, private files copies; then each gets its own
+    /// hostname, machine-id, ssh host keys and random seed.
+    Build(templates::BuildArgs),
     /// Print a systemd unit that mounts a guest before its runtime starts.
     Unit {
         /// The guest.
@@ -367,6 +377,15 @@ fn run(cli: Cli) -> Result<u8> {
                 Ok(EXIT_EXEC_FAILED)
             })
         }
+        Command::Template { command } => {
+            let access = if command.writes() {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            templates::run(&open(&cli.root, access)?, command, &bars)
+        }
+        Command::Build(args) => templates::build(&open(&cli.root, Access::Write)?, args, &bars),
         Command::Unit { guest, fold } => {
             let root = open(&cli.root, Access::Read)?;
             let exe = std::env::current_exe().context("finding the cowherd binary")?;
@@ -526,6 +545,7 @@ fn unify(root: &Path, args: UnifyArgs, bars: &Bars) -> Result<u8> {
         min_size: args.min_size,
         max_links: args.max_links,
         list_paths: args.verbose,
+        every_file: false,
     };
     let report = cowherd_unify::unify(&root, &args.select.guests, &opts, bars)?;
     for failure in &report.failures {

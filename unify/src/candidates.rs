@@ -14,7 +14,8 @@ use crate::root::HostRoot;
 /// marker is not private, whose size is at least `min_size` and that are not linked yet, with
 /// the grouping mtime (`mt`: 0 under `ignore_mtime`). `temp.sg` keeps only the size groups
 /// (size, mode, uid, gid, mt) worth reading: two distinct inodes, or an object of the same
-/// metadata already in the store.
+/// metadata already in the store — or every group, with `every_file`, which reads every
+/// candidate in full (`has_obj` set: no partial-hash stage).
 ///
 /// # Errors
 /// Index errors.
@@ -23,6 +24,7 @@ pub(crate) fn build_candidates(
     guests: &[OpenGuest],
     min_size: u64,
     ignore_mtime: bool,
+    every_file: bool,
 ) -> Result<()> {
     let idx = &root.index;
     idx.conn
@@ -57,13 +59,13 @@ pub(crate) fn build_candidates(
         .execute(
             "CREATE TEMP TABLE sg AS
              SELECT size, mode, uid, gid, mt, COUNT(DISTINCT ino) AS inodes,
-                    EXISTS(SELECT 1 FROM objects o
+                    :every OR EXISTS(SELECT 1 FROM objects o
                            WHERE o.size = c.size AND o.mode = c.mode AND o.uid = c.uid
                              AND o.gid = c.gid AND o.ign_mtime = :ign
                              AND (:ign OR o.mtime_ns = c.mt)) AS has_obj
              FROM cand c GROUP BY size, mode, uid, gid, mt
              HAVING inodes >= 2 OR has_obj",
-            named_params! {":ign": ign},
+            named_params! {":ign": ign, ":every": every_file},
         )
         .map_err(|e| idx.err(e))?;
     Ok(())

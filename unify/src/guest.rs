@@ -33,6 +33,8 @@ use crate::store;
 const ADOPTING: &str = ".adopting";
 /// Suffix of a guest directory being destroyed (`guests/.NAME.destroying`).
 pub(crate) const DESTROYING: &str = ".destroying";
+/// Suffix of a guest directory being created (`guests/.NAME.creating`).
+pub(crate) const CREATING: &str = ".creating";
 
 /// Where a guest came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,7 +172,7 @@ pub fn validate_guest_name(name: &str) -> Result<()> {
     }
 }
 
-fn now_unix() -> i64 {
+pub(crate) fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -322,16 +324,16 @@ pub(crate) fn remove_doomed(root: &HostRoot, doomed: &str) -> Result<()> {
     )
 }
 
-/// Finishes destroys a killed run left (`guests/.NAME.destroying`), as far as it can: what
-/// cannot be removed now stays for the next writer (it is no guest's any more), so that one
-/// bad leftover never stops every command.
+/// Finishes destroys and removes creations a killed run left (`guests/.NAME.destroying`,
+/// `guests/.NAME.creating`), as far as it can: what cannot be removed now stays for the next
+/// writer (it is no guest's), so that one bad leftover never stops every command.
 pub(crate) fn recover_destroys(root: &HostRoot) -> Result<()> {
     let dir = root.guests_dir();
     for entry in std::fs::read_dir(&dir).at(&dir)? {
         let name = entry.at(&dir)?.file_name();
         if let Some(name) = name.to_str()
             && name.starts_with('.')
-            && name.ends_with(DESTROYING)
+            && (name.ends_with(DESTROYING) || name.ends_with(CREATING))
         {
             let _ = remove_doomed(root, name);
         }
@@ -481,12 +483,37 @@ pub(crate) fn open_guest(root: &HostRoot, name: &str) -> Result<OpenGuest> {
     let rel = format!("{name}/base");
     let base_path = root.guests_dir().join(&rel);
     let base_fd = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), rel.as_bytes())?;
+    let record_path = root.guests_dir().join(name).join("guest.toml");
+    open_tree(
+        root,
+        name,
+        base_path,
+        base_fd,
+        record.policy.as_ref(),
+        &record_path,
+    )
+}
+
+/// Opens a tree of the root for unification under the index name `name`: a guest's base, or a
+/// cached template's tree. Its own `policy` (from the file `policy_path`) is tried before the
+/// root's `policy.toml`.
+///
+/// # Errors
+/// [`Error::CrossFilesystem`] if the tree is on another filesystem, policy errors naming the
+/// file, index errors.
+pub(crate) fn open_tree(
+    root: &HostRoot,
+    name: &str,
+    base_path: PathBuf,
+    base_fd: OwnedFd,
+    policy: Option<&PolicyFile>,
+    policy_path: &Path,
+) -> Result<OpenGuest> {
     let st = fsx::fstat(&base_fd).at(&base_path)?;
     root.check_same_fs(&st, &base_path)?;
-
     let default = load_policy_file(&root.policy_path())?;
-    let guest_policy = record.policy.clone().unwrap_or_default();
-    let conffiles_on = guest_policy
+    let own = policy.cloned().unwrap_or_default();
+    let conffiles_on = own
         .dpkg_conffiles
         .or(default.dpkg_conffiles)
         .unwrap_or(true);
@@ -495,13 +522,11 @@ pub(crate) fn open_guest(root: &HostRoot, name: &str) -> Result<OpenGuest> {
     } else {
         Default::default()
     };
-    let guest_rules = guest_policy
-        .parse_rules()
-        .map_err(|e| e.in_file(&root.guests_dir().join(name).join("guest.toml")))?;
+    let own_rules = own.parse_rules().map_err(|e| e.in_file(policy_path))?;
     let default_rules = default
         .parse_rules()
         .map_err(|e| e.in_file(&root.policy_path()))?;
-    let policy = Policy::compile(&guest_rules, &default_rules, conffiles)?;
+    let policy = Policy::compile(&own_rules, &default_rules, conffiles)?;
     let id = root.index.guest_id(name)?;
     Ok(OpenGuest {
         name: name.to_string(),

@@ -151,6 +151,14 @@ impl Index {
         Ok(self.conn.last_insert_rowid())
     }
 
+    /// The id of the object row named `name`.
+    pub fn object_id(&self, name: &str) -> Result<i64> {
+        self.conn
+            .prepare_cached("SELECT id FROM objects WHERE name = ?1")
+            .and_then(|mut stmt| stmt.query_row([name], |r| r.get(0)))
+            .map_err(|e| self.err(e))
+    }
+
     /// Runs `sql` with `params` through the statement cache, wrapping errors.
     pub fn exec(&self, sql: &str, p: impl rusqlite::Params) -> Result<usize> {
         self.conn
@@ -170,7 +178,8 @@ impl Index {
             .and_then(|it| it.collect())
             .map_err(|e| self.err(e))?;
         for (id, name) in rows {
-            if !keep.contains(&name) {
+            // Template trees (`@template/...`) are not guests: they stay.
+            if !name.starts_with('@') && !keep.contains(&name) {
                 self.exec("DELETE FROM files WHERE guest_id = ?1", params![id])?;
                 self.exec("DELETE FROM guests WHERE id = ?1", params![id])?;
             }

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 mod candidates;
+mod create;
 mod error;
 mod fold;
 mod fsx;
@@ -29,6 +30,10 @@ mod store;
 mod sys;
 mod unify;
 
+pub use create::{
+    CloneMode, CloneReport, NewGuest, TEMPLATE_STAGING, Tree, clone_tree, remove_below_root,
+    rename_below_root,
+};
 pub use error::{Error, Result};
 pub use fold::{FoldAction, FoldEntry, FoldOptions, FoldReport, fold};
 pub use guest::{
@@ -52,4 +57,4 @@ pub use policy::{
 pub use progress::{NoProgress, Phase, Progress};
 pub use report::{Failure, LinkedPath, UnifyReport, display_path};
 pub use root::{Access, DEFAULT_ROOT, HostRoot};
-pub use unify::{UnifyOptions, unify};
+pub use unify::{TreeSpec, UnifyOptions, forget_tree, unify, unify_tree};

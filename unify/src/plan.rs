@@ -25,6 +25,8 @@ pub(crate) struct PlanOptions {
     pub ignore_mtime: bool,
     /// The user's cap on an object's link count.
     pub max_links: Option<u64>,
+    /// Make an object even of a key only one inode has.
+    pub every_file: bool,
 }
 
 /// A candidate row of one key group.
@@ -222,7 +224,7 @@ impl Planner<'_> {
         let (object, created) = match found {
             Ok(object) => (object, false),
             // A key held by one inode only is not worth an object.
-            Err(_) if !shared => return Ok(None),
+            Err(_) if !shared && !self.opts.every_file => return Ok(None),
             Err(seq) => {
                 // An inode all of whose links are in this chunk can become the object itself.
                 let adoptable = chunk

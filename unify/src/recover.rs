@@ -17,7 +17,8 @@ use crate::store::{self, TEMP_PREFIX};
 ///
 /// # Algorithm
 /// * `guests/.NAME.adopting` with a `base` is renamed to `guests/NAME`, without one removed;
-///   `guests/.NAME.destroying` is removed; the `chattr` flags a fold journalled are set.
+///   `guests/.NAME.destroying`, `guests/.NAME.creating` and `templates/*/.building` are
+///   removed; the `chattr` flags a fold journalled are set.
 /// * Each journalled directory is listed; every `.cowherd~…` entry whose inode is a store
 ///   object's (per the index, confirmed on the object itself) is unlinked — it is a second name
 ///   of a store object, never guest data. Object rows are committed before any replacement;
@@ -30,6 +31,7 @@ use crate::store::{self, TEMP_PREFIX};
 pub(crate) fn recover(root: &HostRoot) -> Result<()> {
     recover_adoptions(root)?;
     crate::guest::recover_destroys(root)?;
+    crate::create::recover_template_builds(root)?;
     crate::guest::apply_flag_journal(root, None)?;
     let idx = &root.index;
     let rows: Vec<(i64, Option<i64>, Vec<u8>, i64)> = {

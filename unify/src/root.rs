@@ -8,7 +8,10 @@
 //! ├── store/
 //! │   ├── objects/ab/<key>.c0  shared inodes ("c" cow, "i" immutable; 0,1,… past EMLINK)
 //! │   └── tmp/                 objects being copied in; emptied by every writer
-//! ├── templates/
+//! ├── templates/<name>/
+//! │   ├── <version>/           a built template (1, 2, …): tree/ (unified into the store)
+//! │   │                        and template.toml (what was built, from what, when)
+//! │   └── .building/           a build in progress; removed by the next writer
 //! └── guests/<name>/
 //!     ├── guest.toml           the guest's record
 //!     ├── base/                lower layer: the guest's tree
@@ -183,6 +186,15 @@ impl HostRoot {
             }
         }
         Ok(())
+    }
+
+    /// Opens the directory `rel` below the root (no symlink followed, no mount crossed).
+    ///
+    /// # Errors
+    /// As `fsx::open_dir_beneath`.
+    pub(crate) fn open_dir_below(&self, rel: &Path) -> Result<OwnedFd> {
+        use std::os::unix::ffi::OsStrExt;
+        fsx::open_dir_beneath(self.root_fd.as_fd(), &self.path, rel.as_os_str().as_bytes())
     }
 
     /// The root's canonical path.

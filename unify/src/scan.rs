@@ -341,14 +341,25 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
-    /// Writes the row of a new or changed file, its hashes cleared.
+    /// Writes the row of a new or changed file, its hashes cleared. A file that already is a
+    /// link of a store object (a guest built from a template, say) is recorded as linked to it:
+    /// nothing to hash, nothing to link.
     fn file(&mut self, guest_id: i64, rel: &[u8], st: &Stat, marker: i64) -> Result<()> {
+        let object = if st.nlink > 1 {
+            let found = crate::store::object_of_inode(self.root, st)?;
+            match found {
+                Some(name) => Some(self.root.index.object_id(&name)?),
+                None => None,
+            }
+        } else {
+            None
+        };
         self.exec(
             "INSERT OR REPLACE INTO files(guest_id, path, dev, ino, nlink, size, blocks, mtime_ns,
                 ctime_ns, mode, uid, gid, marker, phash, chash, xhash, object_id, orig_ino,
                 orig_blocks, gen)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, NULL, NULL, NULL,
-                NULL, ?4, ?7, 0)",
+                ?14, ?4, ?7, 0)",
             params![
                 guest_id,
                 rel,
@@ -362,7 +373,8 @@ impl<'a> Writer<'a> {
                 st.mode,
                 st.uid,
                 st.gid,
-                marker
+                marker,
+                object
             ],
         )
     }

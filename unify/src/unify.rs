@@ -5,16 +5,18 @@ use std::collections::HashMap;
 
 use crate::candidates::build_candidates;
 use crate::error::{Error, PathContext, Result};
-use crate::guest::{OpenGuest, check_offline, guest_names, guest_record, open_guest};
+use crate::guest::{OpenGuest, check_offline, guest_names, guest_record, open_guest, open_tree};
 use crate::hash::{Stage, hash_stage};
 use crate::mountinfo::MountTable;
 use crate::plan::{PlanOptions, list_planned, plan, planned_savings};
+use crate::policy::PolicyFile;
 use crate::progress::{Phase, Progress};
 use crate::replace::replace_all;
 use crate::report::{Failure, UnifyReport};
 use crate::root::HostRoot;
 use crate::scan::scan_guests;
 use crate::store;
+use std::path::Path;
 
 /// How `unify` behaves.
 #[derive(Clone, Debug)]
@@ -30,6 +32,9 @@ pub struct UnifyOptions {
     pub max_links: Option<u64>,
     /// Record every linked path in the report.
     pub list_paths: bool,
+    /// Make every eligible file a store object, even one no other file shares: a template's
+    /// tree, which the guests built from it will share.
+    pub every_file: bool,
 }
 
 impl Default for UnifyOptions {
@@ -40,6 +45,7 @@ impl Default for UnifyOptions {
             min_size: 1,
             max_links: None,
             list_paths: false,
+            every_file: false,
         }
     }
 }
@@ -108,6 +114,17 @@ pub fn unify(
             Err(e) => report.failures.push(Failure::guest(name, e.to_string())),
         }
     }
+    run(root, guests, report, opts, progress)
+}
+
+/// The pipeline over opened trees (guests or template trees), after the driver chose them.
+fn run(
+    root: &HostRoot,
+    guests: Vec<OpenGuest>,
+    mut report: UnifyReport,
+    opts: &UnifyOptions,
+    progress: &dyn Progress,
+) -> Result<UnifyReport> {
     report.guests = guests.iter().map(|g| g.name.clone()).collect();
     if guests.is_empty() {
         return Ok(report);
@@ -140,7 +157,13 @@ pub fn unify(
         ..opts.clone()
     };
     let by_id: HashMap<i64, &OpenGuest> = guests.iter().map(|g| (g.id, g)).collect();
-    build_candidates(root, &guests, opts.min_size, opts.ignore_mtime)?;
+    build_candidates(
+        root,
+        &guests,
+        opts.min_size,
+        opts.ignore_mtime,
+        opts.every_file,
+    )?;
     lap(&mut report, "group");
     hash_stage(root, &by_id, Stage::Partial, &mut report, progress, &pool)?;
     hash_stage(root, &by_id, Stage::Full, &mut report, progress, &pool)?;
@@ -149,6 +172,7 @@ pub fn unify(
         dry_run: opts.dry_run,
         ignore_mtime: opts.ignore_mtime,
         max_links: opts.max_links,
+        every_file: opts.every_file,
     };
     let copied_blocks = plan(root, &by_id, &plan_opts, &mut report)?;
     lap(&mut report, "plan");
@@ -181,4 +205,63 @@ pub fn unify(
         report.saved_bytes = planned_savings(root)?.saturating_sub(copied_blocks * 512);
     }
     Ok(report)
+}
+
+/// A tree of the root that is not a guest, to unify into the store: a cached template's.
+#[derive(Clone, Copy, Debug)]
+pub struct TreeSpec<'a> {
+    /// Its name in the index; it starts with `@` (never a guest's name).
+    pub index_name: &'a str,
+    /// The tree, relative to the root (`templates/NAME/1/tree`).
+    pub rel: &'a Path,
+    /// Its own marker rules, tried before the root's `policy.toml`.
+    pub policy: Option<&'a PolicyFile>,
+}
+
+/// Unifies one tree of the root that is not a guest (see [`TreeSpec`]), as [`unify`] does a
+/// guest: a cached template becomes store objects that guests built from it link to.
+///
+/// # Errors
+/// As [`unify`]; [`Error::BadRecord`] for an index name not starting with `@`.
+pub fn unify_tree(
+    root: &HostRoot,
+    tree: &TreeSpec<'_>,
+    opts: &UnifyOptions,
+    progress: &dyn Progress,
+) -> Result<UnifyReport> {
+    if !tree.index_name.starts_with('@') {
+        return Err(Error::BadRecord {
+            path: root.path().join(tree.rel),
+            message: format!("index name {:?} must start with @", tree.index_name),
+        });
+    }
+    let base_path = root.path().join(tree.rel);
+    let base_fd = root.open_dir_below(tree.rel)?;
+    let opened = open_tree(
+        root,
+        tree.index_name,
+        base_path.clone(),
+        base_fd,
+        tree.policy,
+        &base_path,
+    )?;
+    let report = UnifyReport {
+        dry_run: opts.dry_run,
+        ..UnifyReport::default()
+    };
+    run(root, vec![opened], report, opts, progress)
+}
+
+/// Drops the index rows of a tree unified with [`unify_tree`] (a removed template version).
+///
+/// # Errors
+/// Index errors.
+pub fn forget_tree(root: &HostRoot, index_name: &str) -> Result<()> {
+    root.index.exec(
+        "DELETE FROM files WHERE guest_id IN (SELECT id FROM guests WHERE name = ?1)",
+        [index_name],
+    )?;
+    root.index
+        .exec("DELETE FROM guests WHERE name = ?1", [index_name])?;
+    Ok(())
 }

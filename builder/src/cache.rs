@@ -1,0 +1,487 @@
+//! The template cache: a template's tree built once — by mmdebstrap (or debootstrap), from a
+//! tarball, from another guest, or from the tree of the template it builds on — with its
+//! packages and steps run inside it, cleaned for reuse, unified into the store, and kept as
+//! `$ROOT/templates/NAME/VERSION/` (see the layout in `cowherd_unify`'s root module).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cowherd_unify::{
+    CloneMode, HostRoot, OriginKind, PolicyFile, Progress, TEMPLATE_STAGING, Tree, TreeSpec,
+    UnifyOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::exec::Exec;
+use crate::template::{Base, Bootstrapper, Template, TemplateSet};
+
+/// What `templates/NAME/VERSION/template.toml` records.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuiltRecord {
+    /// The template.
+    pub name: String,
+    /// Its version (1, 2, …).
+    pub version: u32,
+    /// When it was built (seconds since the epoch).
+    pub built_unix: i64,
+    /// How its tree was made: `mmdebstrap bookworm minbase`, `from debian-bookworm-minbase@1`, …
+    pub made_by: String,
+    /// Packages installed on top of the base.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// The steps run in the tree.
+    #[serde(default)]
+    pub steps: Vec<String>,
+    /// The built template it was made from (`name@version`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// `SOURCE_DATE_EPOCH` during the build, if set (the bootstrapper honours it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_date_epoch: Option<i64>,
+    /// Regular files of the tree.
+    pub files: u64,
+    /// Allocated bytes of its files, each inode once.
+    pub bytes: u64,
+}
+
+/// A built template in the cache.
+#[derive(Clone, Debug, Serialize)]
+pub struct Built {
+    /// Its record.
+    pub record: BuiltRecord,
+}
+
+impl Built {
+    /// `name@version`, as guest records name it.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.record.name, self.record.version)
+    }
+
+    /// Its tree, relative to the root.
+    pub fn tree_rel(&self) -> PathBuf {
+        version_rel(&self.record.name, self.record.version).join("tree")
+    }
+
+    /// Its name in the index.
+    pub fn index_name(&self) -> String {
+        format!("@template/{}/{}", self.record.name, self.record.version)
+    }
+}
+
+fn version_rel(name: &str, version: u32) -> PathBuf {
+    Path::new("templates").join(name).join(version.to_string())
+}
+
+fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |error| Error::Io { path, error }
+}
+
+/// The built versions of template `name`, oldest first.
+///
+/// # Errors
+/// Reading the cache directory or a record.
+pub fn versions(root: &HostRoot, name: &str) -> Result<Vec<Built>, Error> {
+    let dir = root.path().join("templates").join(name);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io(&dir))?;
+        let Some(version) = entry
+            .file_name()
+            .to_str()
+            .and_then(|v| v.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path().join("template.toml");
+        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+        let record: BuiltRecord = toml::from_str(&text).map_err(|e| Error::BadCache {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if record.version == version {
+            found.push(Built { record });
+        }
+    }
+    found.sort_by_key(|b| b.record.version);
+    Ok(found)
+}
+
+/// The newest built version of template `name`.
+///
+/// # Errors
+/// As [`versions`].
+pub fn latest(root: &HostRoot, name: &str) -> Result<Option<Built>, Error> {
+    Ok(versions(root, name)?.pop())
+}
+
+/// The guests whose record says they were built from `built`.
+///
+/// # Errors
+/// Reading the guests and their records.
+pub fn guests_using(root: &HostRoot, built: &Built) -> Result<Vec<String>, Error> {
+    let label = built.label();
+    let mut users = Vec::new();
+    for name in cowherd_unify::guest_names(root)? {
+        let record = cowherd_unify::guest_record(root, &name)?;
+        if record.origin.kind == OriginKind::Template
+            && record.origin.template.as_deref() == Some(label.as_str())
+        {
+            users.push(name);
+        }
+    }
+    Ok(users)
+}
+
+/// The marker policy of template `name`: its own `[policy]` rules first, then those of the
+/// templates it builds on, nearest first; the nearest `dpkg_conffiles` setting wins.
+///
+/// # Errors
+/// Template errors.
+pub fn template_policy(set: &TemplateSet, name: &str) -> Result<Option<PolicyFile>, Error> {
+    let mut policy: Option<PolicyFile> = None;
+    for template in set.chain(name)?.into_iter().rev() {
+        let Some(own) = &template.policy else {
+            continue;
+        };
+        let merged = policy.get_or_insert_with(PolicyFile::default);
+        merged.rules.extend(own.rules.iter().cloned());
+        merged.dpkg_conffiles = merged.dpkg_conffiles.or(own.dpkg_conffiles);
+    }
+    Ok(policy)
+}
+
+/// Builds template `name`: the newest cached version is returned as it is unless `new_version`
+/// (a rebuild); a template built on another (`from`) builds that one first if it is not cached.
+///
+/// # Algorithm
+/// In `templates/NAME/.building/tree`: the base (the bootstrapper with the packages; a
+/// tarball unpacked; a guest's merged view exported; or a copy of the parent's newest tree),
+/// then — inside the tree, in its own namespaces (`exec`) — `apt-get install` of the packages
+/// a non-bootstrapped base needs and each step. Then the tree is cleaned for reuse (apt lists
+/// and caches, logs, `/etc/machine-id` emptied, ssh host keys and random seeds removed),
+/// renamed to `templates/NAME/VERSION`, and unified into the store under the template's
+/// policy, so its shareable files are store objects that guests built from it link to. A
+/// killed build leaves only the staging directory, which the next writer removes.
+///
+/// # Errors
+/// Template errors (unknown name, cycle), [`Error::MissingProgram`] without a bootstrapper,
+/// a failing bootstrapper, package installation or step (naming it), I/O errors.
+pub fn build_template(
+    root: &HostRoot,
+    set: &TemplateSet,
+    name: &str,
+    new_version: bool,
+    progress: &dyn Progress,
+) -> Result<Built, Error> {
+    let template = set.get(name)?;
+    if !new_version && let Some(built) = latest(root, name)? {
+        return Ok(built);
+    }
+    let parent = match &template.base {
+        Base::From { template: parent } => {
+            Some(build_template(root, set, parent, false, progress)?)
+        }
+        _ => None,
+    };
+    let staging = Path::new("templates").join(name).join(TEMPLATE_STAGING);
+    cowherd_unify::remove_below_root(root, &staging).or_else(|e| match e.errno() {
+        Some(libc::ENOENT) => Ok(()),
+        _ => Err(e),
+    })?;
+    let tree_rel = staging.join("tree");
+    let made_by = make_base(root, template, parent.as_ref(), &tree_rel)?;
+    let tree = Tree::open(root, &tree_rel)?;
+    let installs = match template.base {
+        Base::Bootstrap { .. } => None,
+        _ if template.packages.is_empty() => None,
+        _ => Some(install_command(&template.packages)),
+    };
+    for step in installs.iter().chain(&template.steps) {
+        run_step(tree.path(), name, step)?;
+    }
+    clean_for_reuse(root, &tree)?;
+    let version = versions(root, name)?
+        .last()
+        .map_or(1, |b| b.record.version + 1);
+    let (files, bytes) = tree_size(tree.path());
+    let record = BuiltRecord {
+        name: name.to_string(),
+        version,
+        built_unix: now_unix(),
+        made_by,
+        packages: template.packages.clone(),
+        steps: template.steps.clone(),
+        from: parent.as_ref().map(Built::label),
+        source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+        files,
+        bytes,
+    };
+    let text = toml::to_string(&record).expect("a build record serializes");
+    let record_path = root.path().join(&staging).join("template.toml");
+    std::fs::write(&record_path, text).map_err(io(&record_path))?;
+    let final_rel = version_rel(name, version);
+    cowherd_unify::rename_below_root(root, &staging, &final_rel)?;
+    let built = Built { record };
+    let policy = template_policy(set, name)?;
+    let spec = TreeSpec {
+        index_name: &built.index_name(),
+        rel: &built.tree_rel(),
+        policy: policy.as_ref(),
+    };
+    // Every shareable file becomes an object: the guests built from it will share them.
+    let opts = UnifyOptions {
+        every_file: true,
+        ..UnifyOptions::default()
+    };
+    let report = cowherd_unify::unify_tree(root, &spec, &opts, progress)?;
+    if let Some(f) = report.failures.first() {
+        return Err(Error::Step {
+            template: name.to_string(),
+            step: "unify the tree into the store".into(),
+            message: f.to_string(),
+        });
+    }
+    Ok(built)
+}
+
+/// Makes the base tree at `tree_rel` (which must not exist); returns how.
+fn make_base(
+    root: &HostRoot,
+    template: &Template,
+    parent: Option<&Built>,
+    tree_rel: &Path,
+) -> Result<String, Error> {
+    let tree_path = root.path().join(tree_rel);
+    match &template.base {
+        Base::Bootstrap {
+            method,
+            suite,
+            variant,
+            arch,
+            mirror,
+        } => {
+            let staging = tree_rel.parent().unwrap_or(tree_rel);
+            Tree::create(root, staging)?;
+            let tool = bootstrapper(*method)?;
+            let mut cmd = Command::new(tool);
+            cmd.arg(format!("--variant={variant}"));
+            if let Some(arch) = arch {
+                cmd.arg(format!("--arch={arch}"));
+            }
+            if !template.packages.is_empty() {
+                cmd.arg(format!("--include={}", template.packages.join(",")));
+            }
+            cmd.arg(suite).arg(&tree_path).args(mirror);
+            run(&mut cmd, &template.name, tool)?;
+            Ok(format!("{tool} {suite} {variant}"))
+        }
+        Base::Tarball { source } => {
+            let tree = Tree::create(root, tree_rel)?;
+            let mut cmd = Command::new("tar");
+            cmd.args([
+                "--extract",
+                "--numeric-owner",
+                "--same-owner",
+                "--preserve-permissions",
+            ])
+            .args(["--xattrs", "--xattrs-include=*", "--acls", "--file"])
+            .arg(source)
+            .arg("--directory")
+            .arg(tree.path());
+            run(&mut cmd, &template.name, "tar")?;
+            Ok(format!("tarball {}", source.display()))
+        }
+        Base::Guest { guest } => {
+            Tree::create(root, tree_rel.parent().unwrap_or(tree_rel))?;
+            cowherd_unify::export(root, guest, &tree_path, false)?;
+            Ok(format!("guest {guest}"))
+        }
+        Base::From { .. } => {
+            let parent = parent.expect("a template built on another has its parent built");
+            let tree = Tree::create(root, tree_rel)?;
+            // A copy, not links: its packages and steps may change files in place.
+            cowherd_unify::clone_tree(root, &parent.tree_rel(), &tree, CloneMode::CopyAll)?;
+            Ok(format!("from {}", parent.label()))
+        }
+    }
+}
+
+/// The bootstrapper to run: mmdebstrap, or debootstrap when asked for or when mmdebstrap is
+/// not installed.
+fn bootstrapper(method: Bootstrapper) -> Result<&'static str, Error> {
+    let installed = |p: &str| {
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .any(|dir| dir.join(p).is_file())
+    };
+    match method {
+        Bootstrapper::Mmdebstrap if installed("mmdebstrap") => Ok("mmdebstrap"),
+        _ if installed("debootstrap") => Ok("debootstrap"),
+        Bootstrapper::Mmdebstrap => Err(Error::MissingProgram {
+            program: "mmdebstrap",
+            package: "mmdebstrap (or debootstrap)",
+        }),
+        Bootstrapper::Debootstrap => Err(Error::MissingProgram {
+            program: "debootstrap",
+            package: "debootstrap",
+        }),
+    }
+}
+
+/// Runs a build tool; a failure is an error naming the template and the tool.
+fn run(cmd: &mut Command, template: &str, tool: &'static str) -> Result<(), Error> {
+    let status = cmd.status().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::MissingProgram {
+            program: tool,
+            package: tool,
+        },
+        _ => Error::Io {
+            path: PathBuf::from(tool),
+            error: e,
+        },
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Step {
+            template: template.to_string(),
+            step: tool.to_string(),
+            message: format!("{status} (see its messages above)"),
+        })
+    }
+}
+
+/// The step that installs `packages` with apt, its output kept quiet.
+fn install_command(packages: &[String]) -> String {
+    format!(
+        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+         --no-install-recommends {} >/dev/null && apt-get clean",
+        packages.join(" ")
+    )
+}
+
+/// Runs one step of template `template` inside its tree, in its own namespaces.
+fn run_step(tree: &Path, template: &str, step: &str) -> Result<(), Error> {
+    let out = Exec::new(tree, "template", ["sh", "-c", step])
+        .capture(true)
+        .run()?;
+    if out.code == 0 {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(Error::Step {
+            template: template.to_string(),
+            step: step.to_string(),
+            message: format!(
+                "exit {}: {}",
+                out.code,
+                stderr
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+            ),
+        })
+    }
+}
+
+/// Cleans a built tree for reuse by many guests: nothing one guest's identity or one build's
+/// downloads leave behind.
+fn clean_for_reuse(root: &HostRoot, tree: &Tree) -> Result<(), Error> {
+    for dir in [
+        "var/lib/apt/lists",
+        "var/cache/apt",
+        "var/log",
+        "tmp",
+        "var/tmp",
+    ] {
+        tree.remove_files_below(dir)?;
+    }
+    if tree.exists("etc/machine-id") {
+        tree.write_file("etc/machine-id", b"", 0o444)?;
+    }
+    if tree.is_file("var/lib/dbus/machine-id") {
+        tree.remove(root, "var/lib/dbus/machine-id")?;
+    }
+    for key in tree.names("etc/ssh") {
+        if key.starts_with("ssh_host_") {
+            tree.remove(root, &format!("etc/ssh/{key}"))?;
+        }
+    }
+    for seed in ["var/lib/systemd/random-seed", "var/lib/urandom/random-seed"] {
+        tree.remove(root, seed)?;
+    }
+    Ok(())
+}
+
+/// Regular files and allocated bytes below `dir`, each inode once.
+fn tree_size(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let (mut files, mut bytes) = (0, 0);
+    for entry in walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .into_iter()
+        .flatten()
+    {
+        let Ok(m) = entry.metadata() else { continue };
+        if m.is_file() {
+            files += 1;
+            if seen.insert(m.ino()) {
+                bytes += m.blocks() * 512;
+            }
+        }
+    }
+    (files, bytes)
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Removes a built version (or every version) of template `name`, refusing while a guest was
+/// built from it; returns what was removed.
+///
+/// # Errors
+/// [`Error::TemplateInUse`] naming the guests, I/O and index errors.
+pub fn remove_template(
+    root: &HostRoot,
+    name: &str,
+    version: Option<u32>,
+) -> Result<Vec<Built>, Error> {
+    let doomed: Vec<Built> = versions(root, name)?
+        .into_iter()
+        .filter(|b| version.is_none_or(|v| v == b.record.version))
+        .collect();
+    if doomed.is_empty() {
+        return Err(Error::NotBuilt {
+            template: match version {
+                Some(v) => format!("{name}@{v}"),
+                None => name.to_string(),
+            },
+        });
+    }
+    for built in &doomed {
+        let users = guests_using(root, built)?;
+        if !users.is_empty() {
+            return Err(Error::TemplateInUse {
+                template: built.label(),
+                guests: users.join(", "),
+            });
+        }
+    }
+    for built in &doomed {
+        cowherd_unify::forget_tree(root, &built.index_name())?;
+        cowherd_unify::remove_below_root(root, &version_rel(name, built.record.version))?;
+    }
+    Ok(doomed)
+}

@@ -1,0 +1,387 @@
+//! `cowherd template …` and `cowherd build`: the template cache and guests made from it.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use cowherd_builder::{Base, Built, TemplateOrigin, TemplateSet};
+use cowherd_unify::{HostRoot, UnifyOptions};
+use serde::Serialize;
+
+use crate::bars::Bars;
+use crate::{EXIT_PARTIAL, fmt, print_json};
+
+/// The template commands.
+#[derive(Subcommand)]
+pub enum TemplateCommand {
+    /// List the templates (built-in, and $ROOT/templates.d/*.toml, which win by name), their
+    /// built versions and the guests built from each.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a template's definition and its built versions.
+    Show {
+        /// The template.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a template into the cache ($ROOT/templates/NAME/VERSION), cleaned for reuse and
+    /// unified into the store; a template built on another builds that one first. Nothing is
+    /// done if it is built already.
+    Build {
+        /// The template.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a new version of a template; guests keep the version they were built from.
+    Rebuild {
+        /// The template.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a built template (NAME: every version; NAME@VERSION: one); refused while a guest
+    /// was built from it.
+    Remove {
+        /// NAME or NAME@VERSION.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a template file: syntax, keys, values, and its `from` against the known templates.
+    Check {
+        /// The file (its name without .toml is the template's name).
+        file: PathBuf,
+    },
+}
+
+/// The templates of a root: the built-in ones and `$ROOT/templates.d/*.toml`.
+fn template_set(root: &HostRoot) -> Result<TemplateSet> {
+    Ok(TemplateSet::load(&root.path().join("templates.d"))?)
+}
+
+fn base_line(base: &Base) -> String {
+    match base {
+        Base::Bootstrap {
+            method,
+            suite,
+            variant,
+            ..
+        } => format!("{} {suite} {variant}", method.program()),
+        Base::Tarball { source } => format!("tarball {}", source.display()),
+        Base::Guest { guest } => format!("guest {guest}"),
+        Base::From { template } => format!("from {template}"),
+    }
+}
+
+/// One row of `template list`.
+#[derive(Serialize)]
+struct Row {
+    name: String,
+    origin: String,
+    base: String,
+    packages: Vec<String>,
+    versions: Vec<Version>,
+}
+
+/// A built version in `template list` and `template show`.
+#[derive(Serialize)]
+struct Version {
+    #[serde(flatten)]
+    built: Built,
+    guests: Vec<String>,
+}
+
+fn built_versions(root: &HostRoot, name: &str) -> Result<Vec<Version>> {
+    cowherd_builder::versions(root, name)?
+        .into_iter()
+        .map(|built| {
+            let guests = cowherd_builder::guests_using(root, &built)?;
+            Ok(Version { built, guests })
+        })
+        .collect()
+}
+
+impl TemplateCommand {
+    /// Whether the command changes the root (and needs its lock).
+    pub fn writes(&self) -> bool {
+        matches!(
+            self,
+            TemplateCommand::Build { .. }
+                | TemplateCommand::Rebuild { .. }
+                | TemplateCommand::Remove { .. }
+        )
+    }
+}
+
+pub fn run(root: &HostRoot, command: TemplateCommand, bars: &Bars) -> Result<u8> {
+    match command {
+        TemplateCommand::List { json } => list(root, json),
+        TemplateCommand::Show { name, json } => show(root, &name, json),
+        TemplateCommand::Build { name, json } => build_template(root, &name, false, json, bars),
+        TemplateCommand::Rebuild { name, json } => build_template(root, &name, true, json, bars),
+        TemplateCommand::Remove { name, json } => {
+            let (name, version) = match name.split_once('@') {
+                Some((n, v)) => (
+                    n.to_string(),
+                    Some(v.parse::<u32>().with_context(|| {
+                        format!("{v:?} is no version number: write NAME@VERSION, e.g. {n}@1")
+                    })?),
+                ),
+                None => (name, None),
+            };
+            let removed = cowherd_builder::remove_template(root, &name, version)?;
+            if json {
+                print_json(&removed)?;
+            } else {
+                for b in &removed {
+                    outln!("removed {}", b.label());
+                }
+                outln!("`cowherd gc` removes the store objects only they used");
+            }
+            Ok(0)
+        }
+        TemplateCommand::Check { file } => {
+            let template = template_set(root)?.check_file(&file)?;
+            outln!(
+                "{}: template {} is valid ({})",
+                file.display(),
+                template.name,
+                base_line(&template.base)
+            );
+            Ok(0)
+        }
+    }
+}
+
+fn list(root: &HostRoot, json: bool) -> Result<u8> {
+    let set = template_set(root)?;
+    let mut rows = Vec::new();
+    for t in set.all() {
+        rows.push(Row {
+            name: t.name.clone(),
+            origin: match &t.origin {
+                TemplateOrigin::Builtin => "built-in".into(),
+                TemplateOrigin::File(p) => p.display().to_string(),
+            },
+            base: base_line(&t.base),
+            packages: t.packages.clone(),
+            versions: built_versions(root, &t.name)?,
+        });
+    }
+    if json {
+        print_json(&rows)?;
+        return Ok(0);
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let built = r
+                .versions
+                .iter()
+                .map(|v| {
+                    format!(
+                        "{} ({}, {} guests)",
+                        v.built.record.version,
+                        fmt::bytes(v.built.record.bytes),
+                        v.guests.len()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            vec![
+                r.name.clone(),
+                r.base.clone(),
+                r.origin.clone(),
+                if built.is_empty() { "-".into() } else { built },
+            ]
+        })
+        .collect();
+    fmt::table(&["TEMPLATE", "BASE", "DEFINED IN", "BUILT"], &cells);
+    Ok(0)
+}
+
+fn show(root: &HostRoot, name: &str, json: bool) -> Result<u8> {
+    let set = template_set(root)?;
+    let t = set.get(name)?;
+    let versions = built_versions(root, name)?;
+    if json {
+        #[derive(Serialize)]
+        struct Show<'a> {
+            name: &'a str,
+            description: Option<&'a str>,
+            base: String,
+            packages: &'a [String],
+            steps: &'a [String],
+            policy: Option<cowherd_unify::PolicyFile>,
+            versions: Vec<Version>,
+        }
+        print_json(&Show {
+            name,
+            description: t.description.as_deref(),
+            base: base_line(&t.base),
+            packages: &t.packages,
+            steps: &t.steps,
+            policy: cowherd_builder::template_policy(&set, name)?,
+            versions,
+        })?;
+        return Ok(0);
+    }
+    outln!(
+        "template {name}: {}",
+        t.description.as_deref().unwrap_or("")
+    );
+    outln!("  base:     {}", base_line(&t.base));
+    outln!("  packages: {}", t.packages.join(" "));
+    for step in &t.steps {
+        outln!("  step:     {step}");
+    }
+    if let Some(policy) = cowherd_builder::template_policy(&set, name)? {
+        for rule in &policy.rules {
+            outln!("  policy:   {rule}");
+        }
+    }
+    for v in &versions {
+        let r = &v.built.record;
+        outln!(
+            "  version {}: {}, {} files, {}; guests: {}",
+            r.version,
+            r.made_by,
+            r.files,
+            fmt::bytes(r.bytes),
+            if v.guests.is_empty() {
+                "none".into()
+            } else {
+                v.guests.join(", ")
+            }
+        );
+    }
+    if versions.is_empty() {
+        outln!("  not built (`cowherd template build {name}`)");
+    }
+    Ok(0)
+}
+
+fn build_template(root: &HostRoot, name: &str, new: bool, json: bool, bars: &Bars) -> Result<u8> {
+    let set = template_set(root)?;
+    let before = cowherd_builder::latest(root, name)?.map(|b| b.record.version);
+    let built = cowherd_builder::build_template(root, &set, name, new, bars)?;
+    if json {
+        print_json(&built)?;
+    } else if Some(built.record.version) == before {
+        outln!(
+            "{} is built already (`cowherd template rebuild {name}` makes a new version)",
+            built.label()
+        );
+    } else {
+        let r = &built.record;
+        outln!(
+            "built {} ({}): {} files, {}; unified into the store",
+            built.label(),
+            r.made_by,
+            r.files,
+            fmt::bytes(r.bytes)
+        );
+    }
+    Ok(0)
+}
+
+/// `cowherd build`'s options.
+#[derive(clap::Args)]
+pub struct BuildArgs {
+    /// The new guest's name (or use --count and --prefix).
+    #[arg(required_unless_present = "count", conflicts_with_all = ["count", "prefix"])]
+    guest: Option<String>,
+    /// The template to build from (its newest built version).
+    #[arg(long, short)]
+    template: String,
+    /// The guest's hostname (default: its name).
+    #[arg(long, conflicts_with = "count")]
+    hostname: Option<String>,
+    /// Build N guests, named PREFIX01 … PREFIXNN.
+    #[arg(long, value_name = "N", requires = "prefix", value_parser = clap::value_parser!(u64).range(1..=9999))]
+    count: Option<u64>,
+    /// The name prefix of --count's guests.
+    #[arg(long, requires = "count")]
+    prefix: Option<String>,
+    /// Mount each new guest.
+    #[arg(long)]
+    mount: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn build(root: &HostRoot, args: BuildArgs, bars: &Bars) -> Result<u8> {
+    let set = template_set(root)?;
+    set.get(&args.template)?;
+    let Some(built) = cowherd_builder::latest(root, &args.template)? else {
+        bail!(cowherd_builder::Error::NotBuilt {
+            template: args.template.clone()
+        });
+    };
+    let policy = cowherd_builder::template_policy(&set, &args.template)?;
+    let names = match (&args.guest, args.count, &args.prefix) {
+        (Some(guest), _, _) => vec![guest.clone()],
+        (None, Some(count), Some(prefix)) => {
+            cowherd_builder::numbered_names(prefix, count as usize)
+        }
+        _ => bail!("name the guest, or give --count and --prefix"),
+    };
+    let mut done = Vec::new();
+    let mut code = 0;
+    for name in &names {
+        match cowherd_builder::build_guest(
+            root,
+            &built,
+            policy.as_ref(),
+            name,
+            args.hostname.as_deref(),
+        ) {
+            Ok(b) => done.push(b),
+            Err(e) if names.len() == 1 => return Err(e.into()),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                code = EXIT_PARTIAL;
+            }
+        }
+    }
+    let new: Vec<String> = done.iter().map(|b| b.guest.clone()).collect();
+    if !new.is_empty() {
+        let report = cowherd_unify::unify(root, &new, &UnifyOptions::default(), bars)?;
+        for failure in &report.failures {
+            eprintln!("warning: {failure}");
+            code = EXIT_PARTIAL;
+        }
+    }
+    if args.mount {
+        for name in &new {
+            cowherd_unify::mount(root, name)?;
+        }
+    }
+    if args.json {
+        print_json(&done)?;
+    } else {
+        for b in &done {
+            outln!(
+                "built {} from {} in {:.2} s: {} files linked to the store, {} copied ({} added){}",
+                b.guest,
+                b.template,
+                b.seconds,
+                b.linked,
+                b.copied,
+                fmt::bytes(b.added_bytes),
+                if args.mount { "; mounted" } else { "" }
+            );
+        }
+    }
+    Ok(code)
+}

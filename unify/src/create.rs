@@ -1,0 +1,634 @@
+//! Creating guests: a staging directory `guests/.NAME.creating/` whose `base/` is filled — by a
+//! clone of a cached template (store links linked again, everything else copied) or by an
+//! import — and which is renamed into place only once complete. A killed creation leaves no
+//! guest: the next writer removes the staging directory.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, RenameFlags};
+use nix::sys::stat::{Mode, SFlag};
+use serde::Serialize;
+
+use crate::error::{Error, PathContext, Result};
+use crate::fsx::{self, Stat};
+use crate::guest::{CREATING, GuestRecord, Origin, now_unix, validate_guest_name};
+use crate::root::HostRoot;
+use crate::store;
+
+/// How [`NewGuest::clone_tree`] treats regular files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloneMode {
+    /// A file that is a store link gets a new link to the same object (a copy if the object
+    /// is full); every other file is copied.
+    LinkObjects,
+    /// Every file is copied (a tree that will be changed in place, like a template being built
+    /// on another).
+    CopyAll,
+}
+
+/// What a clone did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CloneReport {
+    /// Regular files (paths).
+    pub files: u64,
+    /// Of those, new links to store objects.
+    pub linked: u64,
+    /// Of those, copied.
+    pub copied: u64,
+    /// Bytes copied (the bytes the new tree costs, besides directories and inodes).
+    pub copied_bytes: u64,
+}
+
+/// A directory tree below the root, edited fd-relatively (no symlink in it is ever followed):
+/// a new guest's `base/`, or a template tree being built.
+pub struct Tree {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl std::fmt::Debug for Tree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tree")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tree {
+    /// Opens the directory `rel` below the root.
+    ///
+    /// # Errors
+    /// [`Error::Symlink`], [`Error::NotADirectory`], [`Error::Io`].
+    pub fn open(root: &HostRoot, rel: &Path) -> Result<Tree> {
+        Ok(Tree {
+            path: root.path().join(rel),
+            fd: root.open_dir_below(rel)?,
+        })
+    }
+
+    /// Makes the directory `rel` below the root (its missing parents too, 0700) and opens it.
+    ///
+    /// # Errors
+    /// As [`Tree::open`], and [`Error::Io`] if a directory cannot be made.
+    pub fn create(root: &HostRoot, rel: &Path) -> Result<Tree> {
+        let mut done = PathBuf::new();
+        for part in rel.components() {
+            let parent = root.open_dir_below(&done)?;
+            done.push(part);
+            match nix::sys::stat::mkdirat(
+                &parent,
+                part.as_os_str(),
+                Mode::from_bits_truncate(0o700),
+            ) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(e).at(root.path().join(&done)),
+            }
+        }
+        Tree::open(root, rel)
+    }
+
+    /// Its host path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes the file `rel` (its directory must exist) with `bytes`, root-owned with `mode`:
+    /// a new inode renamed over whatever was there, never through a symlink.
+    ///
+    /// # Errors
+    /// I/O errors naming the path.
+    pub fn write_file(&self, rel: &str, bytes: &[u8], mode: u32) -> Result<()> {
+        use std::io::Write;
+        let shown = self.path.join(rel);
+        let (parent, name) = fsx::split_parent(rel.as_bytes());
+        let dir = fsx::open_dir_beneath(self.fd.as_fd(), &self.path, parent)?;
+        let tmp = format!(".{}.cowherd-new", String::from_utf8_lossy(name));
+        let _ = nix::unistd::unlinkat(&dir, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        let fd: OwnedFd = nix::fcntl::openat(
+            &dir,
+            tmp.as_str(),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(mode),
+        )
+        .at(&shown)?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(bytes).at(&shown)?;
+        nix::unistd::fchown(&file, Some(0.into()), Some(0.into())).at(&shown)?;
+        nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(mode)).at(&shown)?;
+        nix::fcntl::renameat(&dir, tmp.as_str(), &dir, OsStr::from_bytes(name)).at(&shown)
+    }
+
+    /// Removes the entry `rel` (with everything below it, for a directory), if it is there.
+    ///
+    /// # Errors
+    /// I/O errors naming the path.
+    pub fn remove(&self, root: &HostRoot, rel: &str) -> Result<()> {
+        let (parent, name) = fsx::split_parent(rel.as_bytes());
+        match fsx::open_dir_beneath(self.fd.as_fd(), &self.path, parent) {
+            Ok(dir) => store::remove_guest_tree(root, dir.as_fd(), &self.path.join(rel), name),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Removes every regular file below the directory `rel` (keeping the directories, which
+    /// packages may need with their owners), and returns how many.
+    ///
+    /// # Errors
+    /// I/O errors naming the path.
+    pub fn remove_files_below(&self, rel: &str) -> Result<u64> {
+        let Ok(dir) = fsx::open_dir_beneath(self.fd.as_fd(), &self.path, rel.as_bytes()) else {
+            return Ok(0);
+        };
+        let mut files = Vec::new();
+        let _ = fsx::walk_tree(dir.as_fd(), &mut |visit| {
+            if let fsx::Visit::File(path, _) = visit {
+                files.push(path.to_vec());
+            }
+            std::ops::ControlFlow::Continue(())
+        });
+        let shown = self.path.join(rel);
+        for file in &files {
+            let (parent, name) = fsx::split_parent(file);
+            let at = fsx::open_dir_beneath(dir.as_fd(), &shown, parent)?;
+            match nix::unistd::unlinkat(
+                &at,
+                OsStr::from_bytes(name),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            ) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => return Err(e).at(fsx::join(&shown, file)),
+            }
+        }
+        Ok(files.len() as u64)
+    }
+
+    /// The names in the directory `rel` (none if it is not there).
+    pub fn names(&self, rel: &str) -> Vec<String> {
+        fsx::open_dir_beneath(self.fd.as_fd(), &self.path, rel.as_bytes())
+            .ok()
+            .and_then(|dir| fsx::read_names(dir.as_fd()).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| String::from_utf8_lossy(&n).into_owned())
+            .collect()
+    }
+
+    /// Whether `rel` is a regular file (not a symlink).
+    pub fn is_file(&self, rel: &str) -> bool {
+        let (parent, name) = fsx::split_parent(rel.as_bytes());
+        fsx::open_dir_beneath(self.fd.as_fd(), &self.path, parent)
+            .ok()
+            .and_then(|dir| fsx::lstat_at(dir.as_fd(), name).ok())
+            .is_some_and(|st| st.is_file())
+    }
+
+    /// Whether `rel` exists, as anything but a symlink on the way to it.
+    pub fn exists(&self, rel: &str) -> bool {
+        fsx::open_beneath(self.fd.as_fd(), rel.as_bytes(), OFlag::O_PATH).is_ok()
+    }
+}
+
+/// Removes the entry `rel` below the root, with everything below it (a template build's
+/// staging directory, a cached version).
+///
+/// # Errors
+/// I/O errors naming the path.
+pub fn remove_below_root(root: &HostRoot, rel: &Path) -> Result<()> {
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    let name = rel.file_name().unwrap_or_default();
+    let dir = root.open_dir_below(parent)?;
+    store::remove_guest_tree(
+        root,
+        dir.as_fd(),
+        &root.path().join(parent),
+        name.as_bytes(),
+    )
+}
+
+/// The staging directory of a template build in progress, below `templates/NAME/`.
+pub const TEMPLATE_STAGING: &str = ".building";
+
+/// Removes the staging directories of template builds a killed run left
+/// (`templates/*/.building`), as far as it can (see `guest::recover_destroys`).
+pub(crate) fn recover_template_builds(root: &HostRoot) -> Result<()> {
+    let dir = root.path().join("templates");
+    for entry in std::fs::read_dir(&dir).at(&dir)? {
+        let name = entry.at(&dir)?.file_name();
+        let staging = Path::new("templates").join(&name).join(TEMPLATE_STAGING);
+        if std::fs::symlink_metadata(root.path().join(&staging)).is_ok() {
+            let _ = remove_below_root(root, &staging);
+        }
+    }
+    Ok(())
+}
+
+/// Renames `from` to `to`, both below the root, refusing to replace anything at `to`.
+///
+/// # Errors
+/// [`Error::Io`] (`EEXIST` if `to` exists).
+pub fn rename_below_root(root: &HostRoot, from: &Path, to: &Path) -> Result<()> {
+    let dir_of = |p: &Path| root.open_dir_below(p.parent().unwrap_or(Path::new("")));
+    let (from_dir, to_dir) = (dir_of(from)?, dir_of(to)?);
+    nix::fcntl::renameat2(
+        &from_dir,
+        from.file_name().unwrap_or_default(),
+        &to_dir,
+        to.file_name().unwrap_or_default(),
+        RenameFlags::RENAME_NOREPLACE,
+    )
+    .at(root.path().join(to))
+}
+
+/// Clones the tree `src` (relative to the root) into the empty directory `dest`: directories,
+/// symlinks and special files made anew with the same owner, mode, mtime and xattrs, hardlinks
+/// within the tree kept, regular files linked or copied as `mode` says; `dest` itself gets
+/// `src`'s metadata.
+///
+/// # Algorithm
+/// Depth first, fd-relative on both sides (no symlink followed, no mount crossed). A regular
+/// file whose inode is a store object is linked to it (an immutable object's flag is cleared
+/// for that, journalled, and set again); past the link limit, or in [`CloneMode::CopyAll`], it
+/// is copied (holes kept). A directory gets its metadata after its entries, so its mtime is
+/// the source's.
+///
+/// # Errors
+/// I/O and index errors, naming the path.
+pub fn clone_tree(
+    root: &HostRoot,
+    src: &Path,
+    dest: &Tree,
+    mode: CloneMode,
+) -> Result<CloneReport> {
+    let from = root.open_dir_below(src)?;
+    let mut cloner = Cloner {
+        root,
+        base: dest.fd.as_fd(),
+        mode,
+        src_path: root.path().join(src),
+        dest_path: dest.path.clone(),
+        inodes: HashMap::new(),
+        report: CloneReport::default(),
+    };
+    let result = cloner
+        .dir(from.as_fd(), dest.fd.as_fd(), &mut Vec::new())
+        .and_then(|()| {
+            let st = fsx::fstat(&from).at(&cloner.src_path)?;
+            let xattrs = fsx::xattrs_at(from.as_fd(), b".").at(&cloner.src_path)?;
+            fsx::set_dir_metadata(dest.fd.as_fd(), &st, &xattrs).at(&dest.path)
+        });
+    if let Some(e) = store::restore_immutable(root)?.into_iter().next() {
+        return Err(e);
+    }
+    result.map(|()| cloner.report)
+}
+
+/// A guest being created in `guests/.NAME.creating/`.
+pub struct NewGuest {
+    record: GuestRecord,
+    staging: PathBuf,
+    dir: OwnedFd,
+    base: Tree,
+}
+
+impl std::fmt::Debug for NewGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewGuest")
+            .field("name", &self.record.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NewGuest {
+    /// Starts creating guest `name`: a fresh staging directory with an empty `base/` (0755,
+    /// root), `upper/`, `work/` and `rootfs/`. A staging directory a killed creation of the same
+    /// name left is removed first.
+    ///
+    /// # Errors
+    /// [`Error::BadGuestName`], [`Error::GuestExists`], I/O errors.
+    pub fn begin(root: &HostRoot, name: &str, origin: Origin) -> Result<NewGuest> {
+        validate_guest_name(name)?;
+        let dest = root.guests_dir().join(name);
+        if std::fs::symlink_metadata(&dest).is_ok() {
+            return Err(Error::GuestExists {
+                name: name.to_string(),
+                path: dest,
+            });
+        }
+        let staged = format!(".{name}{CREATING}");
+        store::remove_guest_tree(
+            root,
+            root.guests_fd(),
+            &root.guests_dir(),
+            staged.as_bytes(),
+        )?;
+        let staging = root.guests_dir().join(&staged);
+        let mode = |m| Mode::from_bits_truncate(m);
+        nix::sys::stat::mkdirat(root.guests_fd(), staged.as_str(), mode(0o755)).at(&staging)?;
+        let dir = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), staged.as_bytes())?;
+        for (sub, m) in [
+            ("base", 0o755),
+            ("upper", 0o755),
+            ("work", 0o700),
+            ("rootfs", 0o755),
+        ] {
+            nix::sys::stat::mkdirat(&dir, sub, mode(m)).at(staging.join(sub))?;
+        }
+        let base = Tree {
+            fd: fsx::open_dir_beneath(dir.as_fd(), &staging, b"base")?,
+            path: staging.join("base"),
+        };
+        let record = GuestRecord {
+            name: name.to_string(),
+            created_unix: now_unix(),
+            hostname: None,
+            mount_point: None,
+            origin,
+            policy: None,
+        };
+        Ok(NewGuest {
+            record,
+            staging,
+            dir,
+            base,
+        })
+    }
+
+    /// The record that [`finish`](Self::finish) will write (set the hostname or a policy).
+    pub fn record_mut(&mut self) -> &mut GuestRecord {
+        &mut self.record
+    }
+
+    /// The new guest's `base/`, to fill (with [`clone_tree`], say) and to edit.
+    pub fn base(&self) -> &Tree {
+        &self.base
+    }
+
+    /// A directory of the staging area, reachable by root only and outside the new guest's
+    /// tree, for files a tool makes before they go into the tree (keys, say). Removed by
+    /// [`finish`](Self::finish).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn scratch_path(&self) -> Result<PathBuf> {
+        let path = self.staging.join("tmp");
+        match nix::sys::stat::mkdirat(&self.dir, "tmp", Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(Errno::EEXIST) => Ok(path),
+            Err(e) => Err(e).at(path),
+        }
+    }
+
+    /// Writes the record and renames the staging directory to `guests/NAME`: from here on the
+    /// guest exists, complete.
+    ///
+    /// # Errors
+    /// [`Error::GuestExists`] if the name was taken meanwhile, I/O errors.
+    pub fn finish(self, root: &HostRoot) -> Result<GuestRecord> {
+        // The upper root shows as the guest's `/`: it gets base's root metadata.
+        let st = fsx::fstat(&self.base.fd).at(&self.base.path)?;
+        let xattrs = fsx::xattrs_at(self.base.fd.as_fd(), b".").at(&self.base.path)?;
+        let upper = fsx::open_dir_beneath(self.dir.as_fd(), &self.staging, b"upper")?;
+        fsx::set_dir_metadata(upper.as_fd(), &st, &xattrs).at(self.staging.join("upper"))?;
+        self.record.save(&self.staging.join("guest.toml"))?;
+        store::remove_guest_tree(root, self.dir.as_fd(), &self.staging, b"tmp")?;
+        let name = self.record.name.clone();
+        let staged = self.staging.file_name().unwrap_or_default().to_os_string();
+        nix::fcntl::renameat2(
+            root.guests_fd(),
+            staged.as_os_str(),
+            root.guests_fd(),
+            name.as_str(),
+            RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| match e {
+            Errno::EEXIST => Error::GuestExists {
+                name: name.clone(),
+                path: root.guests_dir().join(&name),
+            },
+            e => Error::Io {
+                path: root.guests_dir().join(&name),
+                error: e.into(),
+            },
+        })?;
+        root.index.guest_id(&name)?;
+        Ok(self.record)
+    }
+}
+
+/// The state of one clone.
+struct Cloner<'a> {
+    root: &'a HostRoot,
+    /// The new tree's top.
+    base: BorrowedFd<'a>,
+    mode: CloneMode,
+    src_path: PathBuf,
+    dest_path: PathBuf,
+    /// Source inodes with several links, to the first path they were cloned to.
+    inodes: HashMap<u64, Vec<u8>>,
+    report: CloneReport,
+}
+
+impl Cloner<'_> {
+    /// Clones the entries of `src` into `dest` (both at guest path `rel`).
+    fn dir(&mut self, src: BorrowedFd<'_>, dest: BorrowedFd<'_>, rel: &mut Vec<u8>) -> Result<()> {
+        let names = fsx::read_names(src).at(fsx::join(&self.src_path, rel))?;
+        let parent_len = rel.len();
+        for name in names {
+            rel.truncate(parent_len);
+            if parent_len > 0 {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(&name);
+            self.entry(src, dest, &name, rel)?;
+        }
+        rel.truncate(parent_len);
+        Ok(())
+    }
+
+    fn entry(
+        &mut self,
+        src: BorrowedFd<'_>,
+        dest: BorrowedFd<'_>,
+        name: &[u8],
+        rel: &mut Vec<u8>,
+    ) -> Result<()> {
+        let shown = fsx::join(&self.src_path, rel);
+        let (st, rdev) =
+            nix::sys::stat::fstatat(src, OsStr::from_bytes(name), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map(|s| (Stat::from(s), s.st_rdev))
+                .at(&shown)?;
+        let dest_shown = fsx::join(&self.dest_path, rel);
+        let kind = st.mode & libc::S_IFMT;
+        if kind == libc::S_IFDIR {
+            nix::sys::stat::mkdirat(
+                dest,
+                OsStr::from_bytes(name),
+                Mode::from_bits_truncate(0o700),
+            )
+            .at(&dest_shown)?;
+            let parent = fsx::split_parent(rel).0;
+            let from = fsx::open_dir_beneath(src, &fsx::join(&self.src_path, parent), name)?;
+            let to = fsx::open_dir_beneath(dest, &fsx::join(&self.dest_path, parent), name)?;
+            self.dir(from.as_fd(), to.as_fd(), rel)?;
+            let xattrs = fsx::xattrs_at(from.as_fd(), b".").at(&shown)?;
+            return fsx::set_dir_metadata(to.as_fd(), &st, &xattrs).at(&dest_shown);
+        }
+        if st.nlink > 1
+            && let Some(first) = self.inodes.get(&st.ino)
+        {
+            // Another path of a hardlink group already cloned: link to it.
+            let (parent, first_name) = fsx::split_parent(first);
+            let dir = fsx::open_dir_beneath(self.base, &self.dest_path, parent)?;
+            nix::unistd::linkat(
+                &dir,
+                OsStr::from_bytes(first_name),
+                dest,
+                OsStr::from_bytes(name),
+                AtFlags::empty(),
+            )
+            .at(&dest_shown)?;
+            if kind == libc::S_IFREG {
+                self.report.files += 1;
+            }
+            return Ok(());
+        }
+        match kind {
+            libc::S_IFREG => self.file(src, dest, name, rel, &st)?,
+            libc::S_IFLNK => {
+                let target = nix::fcntl::readlinkat(src, OsStr::from_bytes(name)).at(&shown)?;
+                nix::unistd::symlinkat(target.as_os_str(), dest, OsStr::from_bytes(name))
+                    .at(&dest_shown)?;
+                self.metadata_at(src, dest, name, rel, &st, true)?;
+            }
+            _ => {
+                let sflag = SFlag::from_bits_truncate(kind);
+                nix::sys::stat::mknodat(
+                    dest,
+                    OsStr::from_bytes(name),
+                    sflag,
+                    Mode::from_bits_truncate(st.mode & 0o7777),
+                    rdev,
+                )
+                .at(&dest_shown)?;
+                self.metadata_at(src, dest, name, rel, &st, false)?;
+            }
+        }
+        if st.nlink > 1 {
+            self.inodes.insert(st.ino, rel.clone());
+        }
+        Ok(())
+    }
+
+    /// Clones one regular file: a new link to its store object, or a copy.
+    fn file(
+        &mut self,
+        src: BorrowedFd<'_>,
+        dest: BorrowedFd<'_>,
+        name: &[u8],
+        rel: &[u8],
+        st: &Stat,
+    ) -> Result<()> {
+        self.report.files += 1;
+        let dest_shown = fsx::join(&self.dest_path, rel);
+        if self.mode == CloneMode::LinkObjects
+            && st.nlink > 1
+            && let Some(object) = store::object_of_inode(self.root, st)?
+        {
+            let rel_obj = store::object_rel(&object);
+            let link = || {
+                nix::unistd::linkat(
+                    self.root.objects_fd(),
+                    rel_obj.as_str(),
+                    dest,
+                    OsStr::from_bytes(name),
+                    AtFlags::empty(),
+                )
+            };
+            let linked = match link() {
+                Err(Errno::EPERM) => {
+                    store::unlock_object(self.root, &object)?;
+                    link()
+                }
+                other => other,
+            };
+            match linked {
+                Ok(()) => {
+                    self.report.linked += 1;
+                    return Ok(());
+                }
+                // Full: a copy now, the next unify starts the object's successor.
+                Err(Errno::EMLINK) => {}
+                Err(e) => return Err(e).at(&dest_shown),
+            }
+        }
+        let shown = fsx::join(&self.src_path, rel);
+        let from = fsx::open_beneath(src, name, OFlag::O_RDONLY | OFlag::O_NONBLOCK).at(&shown)?;
+        let from = std::fs::File::from(from);
+        let out: OwnedFd = nix::fcntl::openat(
+            dest,
+            OsStr::from_bytes(name),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .at(&dest_shown)?;
+        let mut out = std::fs::File::from(out);
+        fsx::copy_content(&from, &mut out, st.size).at(&dest_shown)?;
+        let xattrs = fsx::read_xattrs(&from).at(&shown)?;
+        fsx::set_file_metadata(&out, st.uid, st.gid, st.mode, &xattrs, st.mtime_ns)
+            .at(&dest_shown)?;
+        self.report.copied += 1;
+        self.report.copied_bytes += st.blocks * 512;
+        Ok(())
+    }
+
+    /// Gives a symlink or special file made anew the source's owner, xattrs and mtime.
+    fn metadata_at(
+        &mut self,
+        src: BorrowedFd<'_>,
+        dest: BorrowedFd<'_>,
+        name: &[u8],
+        rel: &[u8],
+        st: &Stat,
+        symlink: bool,
+    ) -> Result<()> {
+        let dest_shown = fsx::join(&self.dest_path, rel);
+        let shown = fsx::join(&self.src_path, rel);
+        nix::unistd::fchownat(
+            dest,
+            OsStr::from_bytes(name),
+            Some(st.uid.into()),
+            Some(st.gid.into()),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .at(&dest_shown)?;
+        if !symlink {
+            nix::sys::stat::fchmodat(
+                dest,
+                OsStr::from_bytes(name),
+                Mode::from_bits_truncate(st.mode & 0o7777),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )
+            .at(&dest_shown)?;
+        }
+        let entry = fsx::entry_path(dest, name);
+        for (key, value) in fsx::xattrs_at(src, name).at(&shown)? {
+            xattr::set(&entry, OsStr::from_bytes(&key), &value).at(&dest_shown)?;
+        }
+        let mtime = nix::sys::time::TimeSpec::new(
+            st.mtime_ns.div_euclid(1_000_000_000),
+            st.mtime_ns.rem_euclid(1_000_000_000),
+        );
+        nix::sys::stat::utimensat(
+            dest,
+            OsStr::from_bytes(name),
+            &nix::sys::time::TimeSpec::UTIME_OMIT,
+            &mtime,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .at(&dest_shown)
+    }
+}
