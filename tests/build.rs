@@ -1,0 +1,414 @@
+//! Templates and guests built from them: a real mmdebstrap template and guests from it; tarball
+//! and derived templates; errors; a killed `build --count` leaving no half-built guest.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+
+use common::*;
+
+/// The programs a tarball template carries, so that steps and `exec` can run in it.
+const USERLAND: [&str; 4] = ["/bin/sh", "/bin/cat", "/bin/ls", "/bin/hostname"];
+
+/// Writes `$ROOT/templates.d/NAME.toml`.
+fn define(root: &Path, name: &str, text: &str) -> PathBuf {
+    let dir = root.join("templates.d");
+    fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("{name}.toml"));
+    fs::write(&file, text).unwrap();
+    file
+}
+
+/// A small root filesystem as a tarball: a userland, /etc files, and `files` shareable ones.
+fn tarball(s: &Scratch, files: usize) -> PathBuf {
+    let tree = s.join("rootfs");
+    minimal_userland(&tree, &USERLAND);
+    let mut t = TreeBuilder::new(&tree);
+    t.file("etc/hostname", b"template\n")
+        .file("etc/hosts", b"127.0.0.1 localhost\n")
+        .file("etc/machine-id", b"")
+        .dir("usr/sbin", 0o755)
+        .file("usr/sbin/daemon", &content("daemon", 20_000));
+    for i in 0..files {
+        t.file(
+            format!("usr/share/pkg{:02}/file{i:04}", i / 100),
+            &content(&format!("shared-{i}"), 1_000 + i % 7_000),
+        );
+    }
+    t.finish();
+    let out = s.join("rootfs.tar");
+    let status = Command::new("tar")
+        .args([
+            "--create",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--file",
+        ])
+        .arg(&out)
+        .arg("--directory")
+        .arg(&tree)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    out
+}
+
+/// `cowherd template build NAME --json`.
+fn build_template(root: &Path, name: &str) -> Value {
+    run_json(cowherd(root).args(["template", "build", name, "--json"]))
+}
+
+fn machine_id(root: &Path, guest: &str) -> String {
+    fs::read_to_string(base(root, guest).join("etc/machine-id")).unwrap()
+}
+
+#[test]
+fn a_real_template_builds_guests_that_share_its_files_and_run() {
+    assert_root();
+    let s = Scratch::new("build-real");
+    let root = init_root(s.path());
+    let built = build_template(&root, "debian-bookworm-minbase");
+    assert_eq!(built["record"]["version"], 1);
+    let template_bytes = built["record"]["bytes"].as_u64().unwrap();
+    let tree = root.join("templates/debian-bookworm-minbase/1/tree");
+    // Cleaned for reuse.
+    let id = fs::read(tree.join("etc/machine-id")).unwrap_or_default();
+    assert!(id.is_empty(), "the template's machine-id is not empty: {id:?}");
+    assert!(files_under(&tree.join("var/lib/apt/lists")).is_empty());
+    // Shareable files already are store objects.
+    let store = store_inodes(&root);
+    assert!(store.contains_key(&ino(&tree.join("usr/bin/apt-get"))));
+
+    let guests = ["g01", "g02", "g03"];
+    let report = run_json(cowherd(&root).args([
+        "build",
+        "--count",
+        "3",
+        "--prefix",
+        "g",
+        "--template",
+        "debian-bookworm-minbase",
+        "--json",
+    ]));
+    let reports = report.as_array().unwrap();
+    assert_eq!(reports.len(), 3);
+    for r in reports {
+        let added = r["added_bytes"].as_u64().unwrap();
+        assert!(
+            added * 20 < template_bytes,
+            "a guest added {added} bytes, not under 5% of the template's {template_bytes}"
+        );
+    }
+    // Their own identity; the rest shared.
+    let ids: BTreeSet<String> = guests.iter().map(|g| machine_id(&root, g)).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    for g in guests {
+        let id = machine_id(&root, g);
+        assert_eq!(id.trim().len(), 32, "{g}: {id:?}");
+        assert_eq!(
+            fs::read_to_string(base(&root, g).join("etc/hostname")).unwrap(),
+            format!("{g}\n")
+        );
+        assert!(
+            fs::read_to_string(base(&root, g).join("etc/hosts"))
+                .unwrap()
+                .contains(g)
+        );
+        assert_eq!(
+            ino(&base(&root, g).join("usr/bin/apt-get")),
+            ino(&tree.join("usr/bin/apt-get")),
+            "{g}: /usr/bin/apt-get is not the template's store object"
+        );
+    }
+    let mut mounts = MountedGuests::default();
+    for g in guests {
+        mounts.watch(rootfs(&root, g));
+    }
+    cowherd(&root).arg("mount").args(guests).assert().success();
+    for g in guests {
+        let out = cowherd(&root)
+            .args(["exec", g, "--", "apt-get", "--version"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{g}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("apt "));
+    }
+}
+
+#[test]
+fn tarball_and_derived_templates_build_and_share_with_each_other() {
+    assert_root();
+    let s = Scratch::new("build-tarball");
+    let root = init_root(s.path());
+    let archive = tarball(&s, 200);
+    define(
+        &root,
+        "tiny",
+        &format!("method = \"tarball\"\nsource = \"{}\"\n", archive.display()),
+    );
+    define(
+        &root,
+        "tiny-role",
+        "from = \"tiny\"\nsteps = [\"echo role > /etc/role\", \"cat /etc/role > /usr/share/role-marker\"]\n\
+         [policy]\nrules = [\"immutable /usr/sbin/**\"]\n",
+    );
+    let built = build_template(&root, "tiny-role");
+    assert_eq!(
+        built["record"]["from"], "tiny@1",
+        "the parent is built first"
+    );
+    let tiny = root.join("templates/tiny/1/tree");
+    let role = root.join("templates/tiny-role/1/tree");
+    assert_eq!(fs::read(role.join("etc/role")).unwrap(), b"role\n");
+    // The role template shares its parent's files through the store.
+    let shared = "usr/share/pkg00/file0000";
+    assert_eq!(ino(&tiny.join(shared)), ino(&role.join(shared)));
+    // Its policy applies to it and to its guests.
+    let daemon = store_inodes(&root)[&ino(&role.join("usr/sbin/daemon"))].clone();
+    assert_eq!(daemon.marker, 'i', "{daemon:?}");
+    cowherd(&root)
+        .args([
+            "build",
+            "r1",
+            "--template",
+            "tiny-role",
+            "--hostname",
+            "r1.example.test",
+        ])
+        .assert()
+        .success();
+    let record = fs::read_to_string(root.join("guests/r1/guest.toml")).unwrap();
+    assert!(
+        record.contains("immutable /usr/sbin/**") && record.contains("tiny-role@1"),
+        "{record}"
+    );
+    assert_eq!(
+        fs::read_to_string(base(&root, "r1").join("etc/hostname")).unwrap(),
+        "r1.example.test\n"
+    );
+    assert_eq!(
+        ino(&base(&root, "r1").join(shared)),
+        ino(&tiny.join(shared))
+    );
+
+    // A rebuild is a new version; the guest keeps its own; remove refuses it while used.
+    let rebuilt = run_json(cowherd(&root).args(["template", "rebuild", "tiny-role", "--json"]));
+    assert_eq!(rebuilt["record"]["version"], 2);
+    let out = cowherd(&root)
+        .args(["template", "remove", "tiny-role@1"])
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&out, 1);
+    assert!(err.contains("r1"), "{err}");
+    cowherd(&root)
+        .args(["template", "remove", "tiny-role@2"])
+        .assert()
+        .success();
+    cowherd(&root).args(["destroy", "r1"]).assert().success();
+    cowherd(&root)
+        .args(["template", "remove", "tiny-role"])
+        .assert()
+        .success();
+    assert!(!root.join("templates/tiny-role/1").exists());
+    let list = run_json(cowherd(&root).args(["template", "list", "--json"]));
+    let role_row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "tiny-role")
+        .unwrap();
+    assert_eq!(role_row["versions"], serde_json::json!([]));
+}
+
+#[test]
+fn bad_templates_and_names_are_one_line_errors() {
+    assert_root();
+    let s = Scratch::new("build-errors");
+    let root = init_root(s.path());
+    let out = cowherd(&root)
+        .args(["build", "x", "--template", "no-such-template"])
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&out, 1);
+    assert!(err.contains("no-such-template"), "{err}");
+
+    let out = cowherd(&root)
+        .args(["build", "x", "--template", "debian-bookworm-minbase"])
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&out, 1);
+    assert!(
+        err.contains("cowherd template build debian-bookworm-minbase"),
+        "{err}"
+    );
+
+    let file = define(
+        &root,
+        "broken",
+        "method = \"mmdebstrap\"\nsuite = \"bookworm\"\npacakges = []\n",
+    );
+    let out = cowherd(&root).args(["template", "list"]).output().unwrap();
+    let err = assert_one_line_error(&out, 1);
+    assert!(
+        err.contains("broken.toml:3") && err.contains("pacakges"),
+        "file, line and key: {err}"
+    );
+    let out = cowherd(&root)
+        .args(["template", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&out, 1);
+    assert!(err.contains("broken.toml:3"), "{err}");
+    fs::remove_file(&file).unwrap();
+
+    let archive = tarball(&s, 3);
+    define(
+        &root,
+        "tiny",
+        &format!("method = \"tarball\"\nsource = \"{}\"\n", archive.display()),
+    );
+    let good = root.join("templates.d/tiny.toml");
+    cowherd(&root)
+        .args(["template", "check"])
+        .arg(&good)
+        .assert()
+        .success();
+    build_template(&root, "tiny");
+    cowherd(&root)
+        .args(["build", "t1", "--template", "tiny"])
+        .assert()
+        .success();
+    let out = cowherd(&root)
+        .args(["build", "t1", "--template", "tiny"])
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&out, 1);
+    assert!(err.contains("exists"), "{err}");
+    let out = cowherd(&root)
+        .args([
+            "build",
+            "t2",
+            "--template",
+            "tiny",
+            "--hostname",
+            "bad_host",
+        ])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, 1);
+    assert!(!root.join("guests/t2").exists());
+}
+
+/// The guests of `root` that exist, and whether a staging directory is left.
+fn guests_and_staging(root: &Path) -> (Vec<String>, bool) {
+    let mut guests = Vec::new();
+    let mut staging = false;
+    for e in fs::read_dir(root.join("guests")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            staging |= name.ends_with(".creating");
+        } else {
+            guests.push(name);
+        }
+    }
+    guests.sort();
+    (guests, staging)
+}
+
+#[test]
+fn a_killed_build_count_leaves_complete_guests_or_none() {
+    assert_root();
+    let seed = seed("COWHERD_BUILD_SEED");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let s = Scratch::new("build-kill");
+    let root = init_root(s.path());
+    let archive = tarball(&s, 1_500);
+    define(
+        &root,
+        "tiny",
+        &format!("method = \"tarball\"\nsource = \"{}\"\n", archive.display()),
+    );
+    build_template(&root, "tiny");
+    let template = manifest(&root.join("templates/tiny/1/tree"));
+    let identity: BTreeSet<&[u8]> = [&b"etc/hostname"[..], b"etc/hosts", b"etc/machine-id"].into();
+    let complete = |g: &str| {
+        let m = manifest(&base(&root, g));
+        let same = |(k, _): &(&Vec<u8>, &Entry)| !identity.contains(k.as_slice()) && !k.is_empty();
+        let a: Vec<_> = template
+            .iter()
+            .filter(same)
+            .map(|(k, e)| (k, (e.blake3, e.mode)))
+            .collect();
+        let b: Vec<_> = m
+            .iter()
+            .filter(same)
+            .map(|(k, e)| (k, (e.blake3, e.mode)))
+            .collect();
+        a == b && root.join("guests").join(g).join("guest.toml").exists()
+    };
+    // How long an uninterrupted build of the batch takes.
+    let t = Instant::now();
+    cowherd(&root)
+        .args([
+            "build",
+            "--count",
+            "8",
+            "--prefix",
+            "w",
+            "--template",
+            "tiny",
+        ])
+        .assert()
+        .success();
+    let whole = t.elapsed();
+    let mut landed = 0;
+    for round in 0..12 {
+        let prefix = format!("k{round}-");
+        let mut child = Command::new(cowherd_bin())
+            .arg("--root")
+            .arg(&root)
+            .args([
+                "build",
+                "--count",
+                "8",
+                "--prefix",
+                &prefix,
+                "--template",
+                "tiny",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(
+            rng.random_range(0..whole.as_micros() as u64),
+        ));
+        if child.try_wait().unwrap().is_none() {
+            kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+            landed += 1;
+        }
+        child.wait().unwrap();
+        let (guests, _) = guests_and_staging(&root);
+        for g in guests.iter().filter(|g| g.starts_with(&prefix)) {
+            assert!(complete(g), "guest {g} is half-built (seed {seed})");
+        }
+        // The next writer removes what the killed one left.
+        cowherd(&root).args(["gc", "--dry-run"]).assert().success();
+        assert!(!guests_and_staging(&root).1, "a staging directory survived");
+    }
+    eprintln!("{landed} kills landed (seed {seed})");
+    assert!(landed >= 6, "only {landed} kills landed while building");
+}
