@@ -372,13 +372,13 @@ pub fn build(root: &HostRoot, args: BuildArgs, bars: &Bars) -> Result<u8> {
     } else {
         for b in &done {
             outln!(
-                "built {} from {} in {:.2} s: {} files linked to the store, {} copied ({} added){}",
+                "built {} from {} in {:.2} s: {} files linked to the store, {} copied ({}){}",
                 b.guest,
                 b.template,
                 b.seconds,
                 b.linked,
                 b.copied,
-                fmt::bytes(b.added_bytes),
+                fmt::bytes(b.copied_bytes),
                 if args.mount { "; mounted" } else { "" }
             );
         }

@@ -5,6 +5,7 @@
 //! ```sh
 //! bench-data/run --guests 10 --files-per-guest 10000 --markdown /tmp/bench.md
 //! bench-data/run --scale 10,20,40          # cowherd alone at several sizes
+//! bench-data/run build --count 100          # guests from a template: cowherd build vs mmdebstrap, cp -a, cp -al
 //! ```
 
 use std::collections::BTreeMap;
@@ -17,8 +18,12 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
-use cowherd_benchdata::harness::du::{DiskCounter, disk_usage};
+use clap::parser::ValueSource;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
+use cowherd_benchdata::harness::build::{
+    self, BuildReport, Sample, TemplateBase, TemplateInfo, Way,
+};
+use cowherd_benchdata::harness::du::{DiskCounter, Usage, disk_usage};
 use cowherd_benchdata::harness::manifest::{self, Manifest};
 use cowherd_benchdata::harness::report::{
     self, Machine, ReadBound, Report, Run, ScalePoint, SetInfo, ToolResult,
@@ -38,14 +43,16 @@ dpkg_conffiles = false\n";
 #[command(
     name = "cowherd-bench",
     about = "Benchmark cowherd against hardlink, rdfind, jdupes and fclones on fresh copies of \
-             one generated guest set",
-    args_conflicts_with_subcommands = true
+             one generated guest set"
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Sub>,
     #[command(flatten)]
     bench: Args,
+    /// The cowherd binary [default: next to this one, else on PATH].
+    #[arg(long, global = true)]
+    cowherd: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -57,6 +64,41 @@ enum Sub {
         /// Directories to read.
         dirs: Vec<PathBuf>,
     },
+    /// The build table: build a distro template in a fresh cowherd root, then time guests made
+    /// from it by `cowherd build` (one, then N in one run) beside the peers' ways on the same
+    /// cached tree (`mmdebstrap` per guest, `cp -a`, `cp -al`), with the bytes each adds and
+    /// the targets of issue 10 marked. Needs root and mmdebstrap (and the network).
+    Build(BuildArgs),
+}
+
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// The template to build and make guests from.
+    #[arg(long, default_value = "debian-bookworm-minbase")]
+    template: String,
+    /// N: guests of the N-guest step (`cowherd build --count N`, and `cp -al` N times).
+    #[arg(long, default_value_t = 100)]
+    count: usize,
+    /// Guests made one at a time with `mmdebstrap` and `cp -a` (slow: each is a full tree),
+    /// interleaved with as many one-guest `cowherd build` and `cp -al` (at least one round).
+    #[arg(long, default_value_t = 3)]
+    peer_count: usize,
+    /// Leave out `mmdebstrap` per guest (no network needed after the template build).
+    #[arg(long)]
+    no_mmdebstrap: bool,
+    /// A fresh work directory on the filesystem under test (must not exist, be empty, or be
+    /// a previous run's) [default: bench-data/out/build].
+    #[arg(long)]
+    work: Option<PathBuf>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the table as Markdown to this file (it is also printed).
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Keep the work directory (the root, its guests and the peers' copies).
+    #[arg(long)]
+    keep: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -141,9 +183,6 @@ struct Args {
     /// Run cowherd only, at these guest counts (e.g. 10,20,40), and report time and RSS.
     #[arg(long, value_delimiter = ',')]
     scale: Vec<usize>,
-    /// The cowherd binary [default: next to this one, else on PATH].
-    #[arg(long)]
-    cowherd: Option<PathBuf>,
     /// Debian suites of the real templates.
     #[arg(long, value_delimiter = ',', default_value = "bookworm,trixie")]
     suites: Vec<String>,
@@ -164,10 +203,37 @@ fn parse_seed(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some((sub, _)) = matches.subcommand() {
+        // The benchmark's own options do not apply to a subcommand (--cowherd does).
+        let command = Cli::command();
+        let options: Vec<&str> = command
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .collect();
+        let stray: Vec<String> = matches
+            .ids()
+            .filter(|id| id.as_str() != "cowherd" && options.contains(&id.as_str()))
+            .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+            .map(|id| format!("--{}", id.as_str().replace('_', "-")))
+            .collect();
+        if !stray.is_empty() {
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "{} cannot be used with the subcommand '{sub}' (give its options after it)",
+                        stray.join(", ")
+                    ),
+                )
+                .exit();
+        }
+    }
     let result = match cli.cmd {
         Some(Sub::ReadAll { dirs }) => read_all(&dirs),
-        None => bench(&cli.bench),
+        Some(Sub::Build(args)) => build_table(&args, cli.cowherd.as_deref()),
+        None => bench(&cli.bench, cli.cowherd.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -211,7 +277,30 @@ fn missing(name: &str) -> anyhow::Error {
     anyhow::anyhow!("missing tool `{name}`: install the benchmark tools with bench-data/setup")
 }
 
-fn check_programs(args: &Args, tools: &[Tool]) -> Result<Programs> {
+/// The cowherd binary: `given`, else next to this one, else on PATH.
+fn find_cowherd(given: Option<&Path>) -> Result<PathBuf> {
+    let path = match given {
+        Some(p) if p.is_file() => Some(p.to_path_buf()),
+        Some(p) => bail!(
+            "missing tool `cowherd` at {} (build it: cargo build --release -p cowherd)",
+            p.display()
+        ),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("cowherd")))
+            .filter(|p| p.is_file())
+            .or_else(|| find_program("cowherd")),
+    };
+    let path = path.ok_or_else(|| {
+        anyhow::anyhow!(
+            "missing tool `cowherd`: build it with `cargo build --release -p cowherd` \
+             (bench-data/run does) or pass --cowherd PATH"
+        )
+    })?;
+    fs::canonicalize(&path).with_context(|| format!("resolving {}", path.display()))
+}
+
+fn check_programs(args: &Args, cowherd: Option<&Path>, tools: &[Tool]) -> Result<Programs> {
     let time = PathBuf::from("/usr/bin/time");
     if !time.is_file() {
         return Err(missing("/usr/bin/time (GNU time)"));
@@ -231,33 +320,11 @@ fn check_programs(args: &Args, tools: &[Tool]) -> Result<Programs> {
             continue;
         }
         let path = if prog == "cowherd" {
-            match &args.cowherd {
-                Some(p) if p.is_file() => Some(p.clone()),
-                Some(p) => bail!(
-                    "missing tool `cowherd` at {} (build it: cargo build --release -p cowherd)",
-                    p.display()
-                ),
-                None => std::env::current_exe()
-                    .ok()
-                    .and_then(|e| e.parent().map(|d| d.join("cowherd")))
-                    .filter(|p| p.is_file())
-                    .or_else(|| find_program("cowherd")),
-            }
+            find_cowherd(cowherd)?
         } else {
-            find_program(prog)
+            let path = find_program(prog).ok_or_else(|| missing(prog))?;
+            fs::canonicalize(&path).with_context(|| format!("resolving {}", path.display()))?
         };
-        let path = path.ok_or_else(|| {
-            if prog == "cowherd" {
-                anyhow::anyhow!(
-                    "missing tool `cowherd`: build it with `cargo build --release -p cowherd` \
-                     (bench-data/run does) or pass --cowherd PATH"
-                )
-            } else {
-                missing(prog)
-            }
-        })?;
-        let path =
-            fs::canonicalize(&path).with_context(|| format!("resolving {}", path.display()))?;
         out.insert(prog, path);
     }
     Ok(Programs { time, tools: out })
@@ -836,7 +903,7 @@ fn lock_out(out: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
     })
 }
 
-fn bench(args: &Args) -> Result<()> {
+fn bench(args: &Args, cowherd: Option<&Path>) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("cowherd-bench must run as root (it sets owners and drops the page cache)");
     }
@@ -845,7 +912,7 @@ fn bench(args: &Args) -> Result<()> {
     } else {
         vec![Tool::Cowherd]
     };
-    let programs = check_programs(args, &tools)?;
+    let programs = check_programs(args, cowherd, &tools)?;
     if args.guests == 0 || args.scale.contains(&0) {
         bail!("--guests and --scale sizes must be at least 1");
     }
@@ -951,6 +1018,620 @@ fn run_bench(
         .flatten()
         .chain(report.read_bound.map(|b| b.run))
         .all(|r| r.cold);
+    report.evaluate();
+    Ok(report)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The build table: guests from a template, cowherd's way beside the peers'
+
+/// The build benchmark's programs, paths and log counter.
+struct BuildCtx {
+    programs: Programs,
+    cowherd: PathBuf,
+    mmdebstrap: Option<PathBuf>,
+    root: PathBuf,
+    peers: PathBuf,
+    logs: PathBuf,
+    steps: std::cell::Cell<usize>,
+}
+
+impl BuildCtx {
+    /// `cowherd --root R -q ARGS…`.
+    fn cowherd(&self, args: &[&OsStr]) -> Vec<OsString> {
+        let mut argv: Vec<OsString> = vec![
+            self.cowherd.clone().into_os_string(),
+            "--root".into(),
+            self.root.clone().into_os_string(),
+            "-q".into(),
+        ];
+        argv.extend(args.iter().map(|a| a.to_os_string()));
+        argv
+    }
+
+    /// Runs `argv` timed (page cache dropped first), then `sync` timed; its stdout. A
+    /// failure is an error carrying the end of its stderr.
+    fn step(&self, name: &str, argv: &[OsString]) -> Result<(Run, f64, String)> {
+        let n = self.steps.get() + 1;
+        self.steps.set(n);
+        let out = self.logs.join(format!("{n:03}-{name}.out"));
+        let err = self.logs.join(format!("{n:03}-{name}.err"));
+        let run = timed(&self.programs, argv, &self.logs, &out, &err)?;
+        let start = Instant::now();
+        nix::unistd::sync();
+        let sync_secs = start.elapsed().as_secs_f64();
+        if run.exit_code != 0 {
+            let text = fs::read_to_string(&err).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(3).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "{name} exited {} (log {}): {}",
+                run.exit_code,
+                err.display(),
+                tail.join(" / ")
+            );
+        }
+        Ok((run, sync_secs, fs::read_to_string(&out).unwrap_or_default()))
+    }
+
+    /// `cowherd template show NAME --json`.
+    fn show(&self, name: &str) -> Result<serde_json::Value> {
+        let argv = self.cowherd(&[
+            OsStr::new("template"),
+            OsStr::new("show"),
+            OsStr::new(name),
+            OsStr::new("--json"),
+        ]);
+        let out = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .output()
+            .context("running cowherd template show")?;
+        if !out.status.success() {
+            bail!(
+                "cowherd template show {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("parsing cowherd template show --json")
+    }
+}
+
+/// `a − b` of two usages, never below zero.
+fn usage_added(after: Usage, before: Usage) -> (u64, u64) {
+    (
+        after.bytes.saturating_sub(before.bytes),
+        after.inodes.saturating_sub(before.inodes),
+    )
+}
+
+/// The work directory: refuses one that holds something other than a previous run's.
+fn fresh_work(work: &Path) -> Result<()> {
+    const MARK: &str = ".cowherd-bench-build";
+    if work.exists() {
+        let empty = fs::read_dir(work)?.next().is_none();
+        if !empty && !work.join(MARK).exists() {
+            bail!(
+                "{} exists and is no previous `cowherd-bench build` work directory: give \
+                 --work a new or empty directory",
+                work.display()
+            );
+        }
+        remove_hard(work)?;
+    }
+    fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
+    fs::write(work.join(MARK), b"")?;
+    Ok(())
+}
+
+/// Removes `path`; if that fails (an immutable store object), clears the immutable flags
+/// below it and tries again.
+fn remove_hard(path: &Path) -> Result<()> {
+    if remove(path).is_ok() {
+        return Ok(());
+    }
+    let _ = Command::new("chattr")
+        .args(["-R", "-f", "-i"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .status();
+    remove(path)
+}
+
+fn build_table(args: &BuildArgs, cowherd: Option<&Path>) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "cowherd-bench build must run as root (cowherd and mmdebstrap need it, and it drops the page cache)"
+        );
+    }
+    if args.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let time = PathBuf::from("/usr/bin/time");
+    if !time.is_file() {
+        return Err(missing("/usr/bin/time (GNU time)"));
+    }
+    for needed in ["cp", "bash", "seq", "findmnt"] {
+        find_program(needed).ok_or_else(|| missing(needed))?;
+    }
+    let mmdebstrap = if args.no_mmdebstrap || args.peer_count == 0 {
+        None
+    } else {
+        Some(find_program("mmdebstrap").ok_or_else(|| missing("mmdebstrap"))?)
+    };
+    let cowherd = find_cowherd(cowherd)?;
+    let work = match &args.work {
+        Some(w) => std::path::absolute(w)?,
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("out/build"),
+    };
+    let parent = work.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let lock_path = parent.join(format!(
+        "{}.lock",
+        work.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let lock_file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "{}: another cowherd-bench build uses {}; wait for it or pass another --work",
+                lock_path.display(),
+                work.display()
+            )
+        })?;
+    fresh_work(&work)?;
+    let ctx = BuildCtx {
+        programs: Programs {
+            time,
+            tools: BTreeMap::new(),
+        },
+        cowherd,
+        mmdebstrap,
+        root: work.join("root"),
+        peers: work.join("peers"),
+        logs: work.join("logs"),
+        steps: std::cell::Cell::new(0),
+    };
+    fs::create_dir_all(&ctx.peers)?;
+    fs::create_dir_all(&ctx.logs)?;
+    say(format!("build table in {}", work.display()));
+    let start = Instant::now();
+    let result = run_build_table(args, &ctx, &work);
+    if args.keep {
+        say(format!("kept {}", work.display()));
+    } else {
+        say("removing the work directory (--keep keeps it)");
+        remove_hard(&work)?;
+    }
+    let _ = fs::remove_file(&lock_path);
+    let mut report = result?;
+    report.total_secs = start.elapsed().as_secs_f64();
+    let md = build::markdown(&report);
+    println!("{md}");
+    if let Some(path) = &args.markdown {
+        fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.json {
+        fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The template's suite, variant and packages for mmdebstrap, following `from` templates.
+fn template_info(ctx: &BuildCtx, name: &str) -> Result<(TemplateInfo, Option<String>)> {
+    let mut info = TemplateInfo {
+        name: name.to_owned(),
+        ..TemplateInfo::default()
+    };
+    let mut current = name.to_owned();
+    let mut packages: Vec<String> = Vec::new();
+    for _ in 0..16 {
+        let show = ctx.show(&current)?;
+        if let Some(p) = show.get("packages").and_then(|p| p.as_array()) {
+            packages.extend(p.iter().filter_map(|x| x.as_str().map(str::to_owned)));
+        }
+        let base = show.get("base").and_then(|b| b.as_str()).unwrap_or("");
+        match build::parse_base(base) {
+            TemplateBase::Bootstrap { suite, variant, .. } => {
+                info.suite = suite;
+                info.variant = variant;
+                packages.sort();
+                packages.dedup();
+                info.packages = packages;
+                return Ok((info, None));
+            }
+            TemplateBase::From(from) => current = from,
+            TemplateBase::Other(line) => {
+                return Ok((
+                    info,
+                    Some(format!(
+                        "template {current} is made from `{line}`, not by a bootstrapper: no \
+                         mmdebstrap to compare with"
+                    )),
+                ));
+            }
+        }
+    }
+    Ok((
+        info,
+        Some(format!("template {name}: `from` chain too long")),
+    ))
+}
+
+fn run_build_table(args: &BuildArgs, ctx: &BuildCtx, work: &Path) -> Result<BuildReport> {
+    let os = |s: &str| OsString::from(s);
+    let t = args.template.as_str();
+    run_checked(
+        Command::new(&ctx.cowherd)
+            .arg("--root")
+            .arg(&ctx.root)
+            .arg("-q")
+            .arg("init"),
+    )?;
+    let (mut info, no_mmdebstrap) = template_info(ctx, t)?;
+
+    // 1. The template, into a fresh root.
+    say(format!(
+        "cowherd template build {t} (mmdebstrap, then unify into the store)"
+    ));
+    let before = disk_usage(&[&ctx.root])?;
+    let (run, sync_secs, out) = ctx.step(
+        "template-build",
+        &ctx.cowherd(&[
+            OsStr::new("template"),
+            OsStr::new("build"),
+            OsStr::new(t),
+            OsStr::new("--json"),
+        ]),
+    )?;
+    let built: serde_json::Value =
+        serde_json::from_str(&out).context("parsing cowherd template build --json")?;
+    let record = built
+        .get("record")
+        .context("no `record` in template build --json")?;
+    let field = |k: &str| {
+        record
+            .get(k)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    info.version = u32::try_from(field("version"))?;
+    info.files = field("files");
+    info.record_bytes = field("bytes");
+    info.made_by = record
+        .get("made_by")
+        .and_then(|m| m.as_str())
+        .unwrap_or("")
+        .to_owned();
+    let tree = ctx
+        .root
+        .join("templates")
+        .join(t)
+        .join(info.version.to_string())
+        .join("tree");
+    if !tree.is_dir() {
+        bail!("the template's tree {} is missing", tree.display());
+    }
+    let tree_usage = disk_usage(&[&tree])?;
+    info.tree_bytes = tree_usage.bytes;
+    info.tree_inodes = tree_usage.inodes;
+    let mut root_usage = disk_usage(&[&ctx.root])?;
+    let mut index_size = index_bytes(&ctx.root);
+    let (added, inodes) = usage_added(root_usage, before);
+    info.build = Some(Sample {
+        run,
+        sync_secs,
+        bytes_added: added,
+        inodes_added: inodes,
+        index_bytes_added: Some(index_bytes(&ctx.root)),
+        guests: 0,
+    });
+    say(format!(
+        "template {}@{}: {} files, {} on disk, built in {}",
+        t,
+        info.version,
+        report::thousands(info.files),
+        report::bytes(info.tree_bytes),
+        report::secs(run.wall_secs + sync_secs)
+    ));
+
+    // 2. One guest at a time, interleaved.
+    let shown_tree = format!("R/templates/{t}/{}/tree", info.version);
+    let mut cow = Way::new(
+        build::COWHERD,
+        format!("cowherd --root R -q build oneK --template {t} --json"),
+    );
+    let mut cpa = Way::new(build::CP_A, format!("cp -a {shown_tree} peers/cp-a/gK"));
+    let mut cpal = Way::new(
+        build::CP_AL,
+        format!("cp -al {shown_tree} peers/cp-al/oneK"),
+    );
+    let include = if info.packages.is_empty() {
+        String::new()
+    } else {
+        format!("--include={}", info.packages.join(","))
+    };
+    let mut mmd = Way::new(
+        build::MMDEBSTRAP,
+        format!(
+            "mmdebstrap --variant={} {}{} peers/mmdebstrap/gK",
+            info.variant,
+            if include.is_empty() {
+                String::new()
+            } else {
+                format!("{include} ")
+            },
+            info.suite
+        ),
+    );
+    if args.peer_count > 0 && ctx.mmdebstrap.is_some() {
+        mmd.skipped = no_mmdebstrap;
+    } else {
+        mmd.skipped = Some("--no-mmdebstrap or --peer-count 0".into());
+    }
+    if args.peer_count == 0 {
+        cpa.skipped = Some("--peer-count 0".into());
+    }
+    let rounds = args.peer_count.max(1);
+    for dir in ["cp-a", "cp-al", "mmdebstrap"] {
+        fs::create_dir_all(ctx.peers.join(dir))?;
+    }
+    for r in 1..=rounds {
+        // cowherd
+        if cow.error.is_none() {
+            let name = format!("one{r}");
+            let argv = ctx.cowherd(&[
+                OsStr::new("build"),
+                OsStr::new(&name),
+                OsStr::new("--template"),
+                OsStr::new(t),
+                OsStr::new("--json"),
+            ]);
+            match ctx.step(&format!("cowherd-{name}"), &argv) {
+                Ok((run, sync_secs, out)) => {
+                    let after = disk_usage(&[&ctx.root])?;
+                    let (bytes_added, inodes_added) = usage_added(after, root_usage);
+                    root_usage = after;
+                    let index_after = index_bytes(&ctx.root);
+                    let index_bytes_added = index_after.saturating_sub(index_size);
+                    index_size = index_after;
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&out)
+                        && let Some(g) = v.get(0)
+                    {
+                        cow.reported.push((
+                            g.get("seconds").and_then(|x| x.as_f64()).unwrap_or(0.0),
+                            g.get("copied_bytes").and_then(|x| x.as_u64()).unwrap_or(0),
+                        ));
+                    }
+                    let s = Sample {
+                        run,
+                        sync_secs,
+                        bytes_added,
+                        inodes_added,
+                        index_bytes_added: Some(index_bytes_added),
+                        guests: 1,
+                    };
+                    say(format!(
+                        "round {r}: cowherd build: {}, {} added (index {})",
+                        report::secs(s.secs()),
+                        report::bytes(bytes_added),
+                        report::bytes(index_bytes_added)
+                    ));
+                    cow.one.push(s);
+                }
+                Err(e) => {
+                    say(format!("cowherd build: {e:#}"));
+                    cow.error = Some(format!("{e:#}"));
+                }
+            }
+        }
+        // cp -a
+        if r <= args.peer_count && cpa.error.is_none() {
+            let dir = ctx.peers.join("cp-a").join(format!("g{r}"));
+            let argv = vec![os("cp"), os("-a"), tree.clone().into(), dir.clone().into()];
+            match ctx.step(&format!("cp-a-g{r}"), &argv) {
+                Ok((run, sync_secs, _)) => {
+                    let u = disk_usage(&[&dir])?;
+                    let s = Sample {
+                        run,
+                        sync_secs,
+                        bytes_added: u.bytes,
+                        inodes_added: u.inodes,
+                        index_bytes_added: None,
+                        guests: 1,
+                    };
+                    say(format!(
+                        "round {r}: cp -a: {}, {} added",
+                        report::secs(s.secs()),
+                        report::bytes(u.bytes)
+                    ));
+                    cpa.one.push(s);
+                }
+                Err(e) => {
+                    say(format!("cp -a: {e:#}"));
+                    cpa.error = Some(format!("{e:#}"));
+                }
+            }
+        }
+        // cp -al
+        if cpal.error.is_none() {
+            let dir = ctx.peers.join("cp-al").join(format!("one{r}"));
+            let argv = vec![os("cp"), os("-al"), tree.clone().into(), dir.clone().into()];
+            match ctx.step(&format!("cp-al-one{r}"), &argv) {
+                Ok((run, sync_secs, _)) => {
+                    let u = disk_usage(&[&tree, &dir])?;
+                    let (bytes_added, inodes_added) = usage_added(u, tree_usage);
+                    let s = Sample {
+                        run,
+                        sync_secs,
+                        bytes_added,
+                        inodes_added,
+                        index_bytes_added: None,
+                        guests: 1,
+                    };
+                    say(format!(
+                        "round {r}: cp -al: {}, {} added",
+                        report::secs(s.secs()),
+                        report::bytes(bytes_added)
+                    ));
+                    cpal.one.push(s);
+                }
+                Err(e) => {
+                    say(format!("cp -al: {e:#}"));
+                    cpal.error = Some(format!("{e:#}"));
+                }
+            }
+        }
+        // mmdebstrap
+        if let Some(prog) = &ctx.mmdebstrap
+            && r <= args.peer_count
+            && mmd.error.is_none()
+            && mmd.skipped.is_none()
+        {
+            let dir = ctx.peers.join("mmdebstrap").join(format!("g{r}"));
+            let mut argv = vec![
+                prog.clone().into_os_string(),
+                os(&format!("--variant={}", info.variant)),
+            ];
+            if !include.is_empty() {
+                argv.push(os(&include));
+            }
+            argv.push(os(&info.suite));
+            argv.push(dir.clone().into());
+            say(format!("round {r}: mmdebstrap (from the network)"));
+            match ctx.step(&format!("mmdebstrap-g{r}"), &argv) {
+                Ok((run, sync_secs, _)) => {
+                    let u = disk_usage(&[&dir])?;
+                    let s = Sample {
+                        run,
+                        sync_secs,
+                        bytes_added: u.bytes,
+                        inodes_added: u.inodes,
+                        index_bytes_added: None,
+                        guests: 1,
+                    };
+                    say(format!(
+                        "round {r}: mmdebstrap: {}, {} added",
+                        report::secs(s.secs()),
+                        report::bytes(u.bytes)
+                    ));
+                    mmd.one.push(s);
+                }
+                Err(e) => {
+                    say(format!("mmdebstrap: {e:#}"));
+                    mmd.error = Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+
+    // 3. N guests: cowherd in one run, then cp -al N times.
+    let n = args.count;
+    cow.many_command = Some(format!(
+        "cowherd --root R -q build --count {n} --prefix g --template {t} --json"
+    ));
+    say(format!("cowherd build --count {n}"));
+    let argv = ctx.cowherd(&[
+        OsStr::new("build"),
+        OsStr::new("--count"),
+        OsStr::new(&n.to_string()),
+        OsStr::new("--prefix"),
+        OsStr::new("g"),
+        OsStr::new("--template"),
+        OsStr::new(t),
+        OsStr::new("--json"),
+    ]);
+    match ctx.step(&format!("cowherd-count-{n}"), &argv) {
+        Ok((run, sync_secs, _)) => {
+            let after = disk_usage(&[&ctx.root])?;
+            let (bytes_added, inodes_added) = usage_added(after, root_usage);
+            let s = Sample {
+                run,
+                sync_secs,
+                bytes_added,
+                inodes_added,
+                index_bytes_added: Some(index_bytes(&ctx.root).saturating_sub(index_size)),
+                guests: n,
+            };
+            say(format!(
+                "cowherd build --count {n}: {}, {} added",
+                report::secs(s.secs()),
+                report::bytes(bytes_added)
+            ));
+            cow.many = Some(s);
+        }
+        Err(e) => {
+            say(format!("cowherd build --count {n}: {e:#}"));
+            if cow.error.is_none() {
+                cow.error = Some(format!("{e:#}"));
+            }
+        }
+    }
+    let many_dir = ctx.peers.join("cp-al-n");
+    fs::create_dir_all(&many_dir)?;
+    cpal.many_command = Some(format!(
+        "bash -c 'for i in $(seq -w 1 {n}); do cp -al {shown_tree} peers/cp-al-n/g$i || exit 1; done'"
+    ));
+    say(format!("cp -al × {n}"));
+    let argv = vec![
+        os("bash"),
+        os("-c"),
+        os(r#"for i in $(seq -w 1 "$1"); do cp -al "$2" "$3/g$i" || exit 1; done"#),
+        os("bash"),
+        os(&n.to_string()),
+        tree.clone().into(),
+        many_dir.clone().into(),
+    ];
+    match ctx.step(&format!("cp-al-count-{n}"), &argv) {
+        Ok((run, sync_secs, _)) => {
+            let u = disk_usage(&[&tree, &many_dir])?;
+            let (bytes_added, inodes_added) = usage_added(u, tree_usage);
+            let s = Sample {
+                run,
+                sync_secs,
+                bytes_added,
+                inodes_added,
+                index_bytes_added: None,
+                guests: n,
+            };
+            say(format!(
+                "cp -al × {n}: {}, {} added",
+                report::secs(s.secs()),
+                report::bytes(bytes_added)
+            ));
+            cpal.many = Some(s);
+        }
+        Err(e) => {
+            say(format!("cp -al × {n}: {e:#}"));
+            if cpal.error.is_none() {
+                cpal.error = Some(format!("{e:#}"));
+            }
+        }
+    }
+
+    let ways = vec![cow, cpal, cpa, mmd];
+    let caches_dropped = ways
+        .iter()
+        .flat_map(|w| w.one.iter().chain(w.many.iter()))
+        .chain(info.build.iter())
+        .all(|s| s.run.cold);
+    let mut report = BuildReport {
+        template: info,
+        count: n,
+        peer_count: args.peer_count,
+        rounds,
+        machine: machine(work),
+        caches_dropped,
+        ways,
+        targets: Vec::new(),
+        total_secs: 0.0,
+    };
     report.evaluate();
     Ok(report)
 }
