@@ -85,7 +85,10 @@ fn a_real_template_builds_guests_that_share_its_files_and_run() {
     let tree = root.join("templates/debian-bookworm-minbase/1/tree");
     // Cleaned for reuse.
     let id = fs::read(tree.join("etc/machine-id")).unwrap_or_default();
-    assert!(id.is_empty(), "the template's machine-id is not empty: {id:?}");
+    assert!(
+        id.is_empty(),
+        "the template's machine-id is not empty: {id:?}"
+    );
     assert!(files_under(&tree.join("var/lib/apt/lists")).is_empty());
     // Shareable files already are store objects.
     let store = store_inodes(&root);
