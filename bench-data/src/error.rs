@@ -61,13 +61,30 @@ pub enum GenError {
         /// The underlying error.
         source: io::Error,
     },
-    /// An external command (`mmdebstrap`, `tar`) could not be run or failed.
+    /// An external command (`tar`) could not be run or failed.
     #[error("{what}: {detail}")]
     Command {
         /// The command and what it was for.
         what: String,
         /// The exit status or the error starting it, and where its log is.
         detail: String,
+    },
+    /// The builder could not build a template's tree (or set up, or tidy, the cowherd root
+    /// it builds in).
+    #[error(
+        "{}: template {template}: {source} (log: {})",
+        root.display(),
+        log.display()
+    )]
+    Builder {
+        /// The cowherd root the tree is built in (`<cache>/root`).
+        root: PathBuf,
+        /// The builder template (`bench-<suite>-<role>`).
+        template: String,
+        /// The build's log (`<cache>/<suite>-<role>.log`).
+        log: PathBuf,
+        /// The builder's error (boxed: it is large).
+        source: Box<cowherd_builder::Error>,
     },
     /// Reading or removing an unpacked template tree failed.
     #[error("{}: cannot read template: {source}", path.display())]

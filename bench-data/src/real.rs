@@ -1,5 +1,6 @@
-//! Real guest sets: Debian trees built by `mmdebstrap` for a few roles and suites, cached as
-//! tarballs, then copied and diverged per guest exactly like the synthetic guests
+//! Real guest sets: Debian trees built by `mmdebstrap` for a few roles and suites — through
+//! the builder's templates (`cowherd_builder`), the one way cowherd bootstraps a tree — cached
+//! as tarballs, then copied and diverged per guest exactly like the synthetic guests
 //! ([`crate::guest`]).
 //!
 //! A template's tree is read into the same in-memory [`Tree`] model as the synthetic base;
@@ -8,11 +9,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::io;
+use std::io::{self, Write as _};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+
+use cowherd_builder::TemplateSet;
+use cowherd_unify::{HostRoot, NoProgress};
 
 use crate::base::{Base, Upgrade};
 use crate::content::Body;
@@ -104,8 +108,8 @@ pub struct RealSpec {
     pub templates: Vec<Template>,
     /// Where template tarballs are cached (`<cache>/<suite>-<role>.tar`) and unpacked.
     pub cache: PathBuf,
-    /// `SOURCE_DATE_EPOCH` given to `mmdebstrap` (clamps the trees' timestamps) and the
-    /// time the per-guest divergence starts from.
+    /// The time the templates' timestamps are clamped to (as `SOURCE_DATE_EPOCH` made
+    /// `mmdebstrap --format=tar` do) and the per-guest divergence starts from.
     pub source_date_epoch: i64,
 }
 
@@ -132,16 +136,87 @@ impl RealSpec {
     }
 }
 
-/// The cached tarball of `template`, built with `mmdebstrap` if it is not there yet.
+/// The cowherd root, below the cache, that the builder makes the templates' trees in.
+const BUILD_ROOT: &str = "root";
+
+/// Every file of a bench template is `private`: unifying the built tree links nothing, so the
+/// tree keeps exactly the bootstrapper's hard links (identical files of different packages
+/// stay separate inodes, as in a guest installed the ordinary way) and nothing is hashed.
+const BENCH_POLICY: &str = "private /**";
+
+/// The builder template that makes `template`'s tree: `bench-<suite>-<role>`.
+fn builder_name(template: &Template) -> String {
+    format!("bench-{}", template.name())
+}
+
+/// The definition of [`builder_name`]`(template)` in the schema of `templates/README.md`:
+/// `mmdebstrap --variant=minbase` of the suite with the role's packages (`--include`), the
+/// bootstrapper's default mirror, and every file private ([`BENCH_POLICY`]).
+fn builder_definition(template: &Template) -> String {
+    // A JSON string is a TOML basic string (the same escapes).
+    let quote = |s: &str| serde_json::to_string(s).expect("a string serializes");
+    let packages: Vec<String> = template.role.packages().iter().map(|p| quote(p)).collect();
+    format!(
+        "# Written by cowherd-bench: the tree of its real guest set's template {name}.\n\
+         description = {description}\n\
+         method = \"mmdebstrap\"\n\
+         suite = {suite}\n\
+         variant = \"minbase\"\n\
+         packages = [{packages}]\n\
+         \n\
+         [policy]\n\
+         rules = [{policy}]\n",
+        name = template.name(),
+        description = quote(&format!(
+            "cowherd bench: {} {}",
+            template.suite,
+            template.role.name()
+        )),
+        suite = quote(&template.suite),
+        packages = packages.join(", "),
+        policy = quote(BENCH_POLICY),
+    )
+}
+
+/// Writes `text` to `path` unless it holds it already, through a hidden temporary file (which
+/// [`TemplateSet::load`] ignores) renamed into place.
+fn write_if_changed(path: &Path, text: &str) -> Result<(), GenError> {
+    if fs::read_to_string(path).is_ok_and(|old| old == text) {
+        return Ok(());
+    }
+    let file = path.file_name().unwrap_or_default().to_string_lossy();
+    let part = path.with_file_name(format!(".{file}.part"));
+    let err = |source| GenError::WriteFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    fs::write(&part, text).map_err(err)?;
+    fs::rename(&part, path).map_err(err)
+}
+
+/// The cached tarball of `template`, built through the builder's templates if it is not
+/// there yet.
 ///
-/// The build runs `mmdebstrap --variant=minbase [--include=PKGS] --format=tar SUITE` with
-/// `SOURCE_DATE_EPOCH` set, into `<cache>/<name>.tar.part` (log in `<cache>/<name>.log`),
-/// and renames the result into place only when it succeeded.
+/// The tree is made by [`cowherd_builder::build_template`] in a cowherd root of the cache's
+/// own, `<cache>/root`, from the template `bench-<suite>-<role>` that this function writes to
+/// `<cache>/root/templates.d/` ([`builder_definition`]: `mmdebstrap --variant=minbase
+/// [--include=PKGS] SUITE`, every file private so nothing is linked). The builder cleans the
+/// tree for reuse (apt lists and caches, files under `/var/log`, `/tmp` and `/var/tmp`, ssh
+/// host keys, random seeds; `/etc/machine-id` empty). GNU tar then packs it into
+/// `<cache>/<name>.tar.part` with owners, modes, extended attributes and ACLs, every mtime
+/// clamped to `source_date_epoch`, and the result is renamed into place only when it
+/// succeeded; the built version is then removed from the root (the tarball is the cache).
+/// The bootstrapper's and tar's messages go to `<cache>/<name>.log`.
+///
+/// The bootstrapper runs with `SOURCE_DATE_EPOCH` set to `source_date_epoch`, and its
+/// messages go to the log ([`cowherd_builder::BuildOptions`]).
 ///
 /// # Errors
 ///
-/// [`GenError::Command`] if `mmdebstrap` cannot be run or fails; [`GenError::CreateDir`] if
-/// the cache directory cannot be created.
+/// [`GenError::Builder`] if the root cannot be set up, the definition is refused, the build
+/// fails (the bootstrapper missing or failing) or the built version cannot be removed;
+/// [`GenError::Command`] if `tar` cannot be run or fails; [`GenError::CreateDir`] or
+/// [`GenError::WriteFile`] for the cache directory, the definition, the log or the tarball.
 pub fn template_tarball(
     template: &Template,
     cache: &Path,
@@ -155,31 +230,97 @@ pub fn template_tarball(
         path: cache.to_path_buf(),
         source,
     })?;
-    let part = cache.join(format!("{}.tar.part", template.name()));
     let log_path = cache.join(format!("{}.log", template.name()));
     let log = fs::File::create(&log_path).map_err(|source| GenError::WriteFile {
         path: log_path.clone(),
         source,
     })?;
-    let mut cmd = Command::new("mmdebstrap");
-    cmd.arg("--variant=minbase").arg("--format=tar");
-    if !template.role.packages().is_empty() {
-        cmd.arg(format!("--include={}", template.role.packages().join(",")));
+    let log_err = |source| GenError::WriteFile {
+        path: log_path.clone(),
+        source,
+    };
+    let name = builder_name(template);
+    let root_path = cache.join(BUILD_ROOT);
+    let builder_err = |source: cowherd_builder::Error| GenError::Builder {
+        root: root_path.clone(),
+        template: name.clone(),
+        log: log_path.clone(),
+        source: Box::new(source),
+    };
+    let root = HostRoot::init(&root_path).map_err(|e| builder_err(e.into()))?;
+    let defs = root.path().join("templates.d");
+    fs::create_dir_all(&defs).map_err(|source| GenError::CreateDir {
+        path: defs.clone(),
+        source,
+    })?;
+    write_if_changed(
+        &defs.join(format!("{name}.toml")),
+        &builder_definition(template),
+    )?;
+    let set = TemplateSet::load(&defs).map_err(|e| builder_err(e.into()))?;
+    // A version left by an earlier run that failed to pack it is reused, unless the role's
+    // packages have changed since.
+    let stale = cowherd_builder::latest(&root, &name)
+        .map_err(builder_err)?
+        .is_some_and(|b| b.record.packages != set.get(&name).map_or(&[][..], |t| &t.packages));
+    let opts = cowherd_builder::BuildOptions {
+        new_version: stale,
+        log: Some(log_path.clone()),
+        source_date_epoch: Some(source_date_epoch),
+    };
+    let built = cowherd_builder::build_template(&root, &set, &name, &opts, &NoProgress)
+        .map_err(builder_err)?;
+    let r = &built.record;
+    writeln!(
+        &log,
+        "built {} ({}): {} files, {} bytes; packing it, mtimes clamped to {source_date_epoch}",
+        built.label(),
+        r.made_by,
+        r.files,
+        r.bytes
+    )
+    .map_err(log_err)?;
+    if r.source_date_epoch != Some(source_date_epoch) {
+        writeln!(
+            &log,
+            "note: the bootstrapper ran with SOURCE_DATE_EPOCH {}, not {source_date_epoch}: \
+             the dates written into files (e.g. /etc/shadow's last password change) are the \
+             build's; export SOURCE_DATE_EPOCH={source_date_epoch} to have them",
+            r.source_date_epoch
+                .map_or_else(|| "unset".to_owned(), |e| e.to_string())
+        )
+        .map_err(log_err)?;
     }
-    cmd.arg(&template.suite)
+    let part = cache.join(format!("{}.tar.part", template.name()));
+    let mut cmd = Command::new("tar");
+    cmd.arg("--create")
+        .arg("--file")
         .arg(&part)
-        .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
+        .arg("--directory")
+        .arg(root.path().join(built.tree_rel()))
+        .args([
+            "--sort=name",
+            "--format=pax",
+            "--pax-option=delete=atime,delete=ctime",
+            "--numeric-owner",
+            "--one-file-system",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--acls",
+            "--clamp-mtime",
+        ])
+        .arg(format!("--mtime=@{source_date_epoch}"))
+        .arg(".")
         .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|source| GenError::WriteFile {
-            path: log_path.clone(),
-            source,
-        })?)
-        .stderr(log);
-    run(cmd, &format!("mmdebstrap {}", template.name()), &log_path)?;
+        .stdout(log.try_clone().map_err(log_err)?)
+        .stderr(log.try_clone().map_err(log_err)?);
+    run(cmd, &format!("tar --create {}", part.display()), &log_path)?;
     fs::rename(&part, &tar).map_err(|source| GenError::WriteFile {
         path: tar.clone(),
         source,
     })?;
+    cowherd_builder::remove_template(&root, &name, Some(built.record.version))
+        .map_err(builder_err)?;
     Ok(tar)
 }
 
@@ -504,6 +645,137 @@ fn upgrades(
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    use cowherd_builder::{Base, Bootstrapper, TemplateOrigin, parse_template};
+    use cowherd_unify::{Access, Marker, Policy};
+
+    #[test]
+    fn bench_templates_are_builder_templates_that_link_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        for suite in ["bookworm", "trixie"] {
+            for role in Role::ALL {
+                let t = Template {
+                    suite: suite.to_owned(),
+                    role,
+                };
+                let name = builder_name(&t);
+                assert_eq!(name, format!("bench-{suite}-{}", role.name()));
+                let text = builder_definition(&t);
+                let def = parse_template(&name, &text, TemplateOrigin::Builtin).unwrap();
+                assert_eq!(
+                    def.base,
+                    Base::Bootstrap {
+                        method: Bootstrapper::Mmdebstrap,
+                        suite: suite.to_owned(),
+                        variant: "minbase".to_owned(),
+                        arch: None,
+                        mirror: None,
+                    }
+                );
+                assert_eq!(def.packages, role.packages());
+                assert!(def.steps.is_empty());
+                let policy = def.policy.expect("a [policy] table");
+                let rules = policy.parse_rules().unwrap();
+                let policy = Policy::compile(&rules, &[], Default::default()).unwrap();
+                for path in ["/usr/bin/perl", "/etc/passwd", "/var/lib/dpkg/status"] {
+                    assert_eq!(
+                        policy.marker_for(path.as_bytes()),
+                        Marker::Private,
+                        "{path}"
+                    );
+                }
+                write_if_changed(&dir.path().join(format!("{name}.toml")), &text).unwrap();
+                write_if_changed(&dir.path().join(format!("{name}.toml")), &text).unwrap();
+            }
+        }
+        // As an admin's files in `$ROOT/templates.d`, beside the built-in templates.
+        let set = TemplateSet::load(dir.path()).unwrap();
+        assert_eq!(
+            set.get("bench-trixie-db").unwrap().packages,
+            Role::Db.packages()
+        );
+        assert!(set.get("debian-bookworm-minbase").is_ok());
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            8,
+            "no temporary file left"
+        );
+        // A suite the schema refuses names the file.
+        let bad = Template {
+            suite: "-bookworm".to_owned(),
+            role: Role::Minbase,
+        };
+        let path = dir.path().join(format!("{}.toml", builder_name(&bad)));
+        write_if_changed(&path, &builder_definition(&bad)).unwrap();
+        let err = TemplateSet::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("bench--bookworm-minbase.toml") && err.contains("suite"),
+            "{err}"
+        );
+    }
+
+    /// `bookworm-minbase` end to end through the builder, as the harness makes it: needs root,
+    /// mmdebstrap and Debian's mirror (about 20 s). Run it with
+    /// `cargo test -p cowherd-benchdata -- --ignored real_template`.
+    #[test]
+    fn a_real_template_tarball_is_built_through_the_builder() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let t = Template {
+            suite: "bookworm".to_owned(),
+            role: Role::Minbase,
+        };
+        let epoch = 1_700_000_000;
+        let tar = template_tarball(&t, &cache, epoch).unwrap();
+        assert_eq!(tar, cache.join("bookworm-minbase.tar"));
+        assert!(!cache.join("bookworm-minbase.tar.part").exists());
+        let log = fs::read_to_string(cache.join("bookworm-minbase.log")).unwrap();
+        assert!(log.contains("built bench-bookworm-minbase@1"), "{log}");
+        // The built version is gone from the root: the tarball is the cache.
+        let root = HostRoot::open(&cache.join(BUILD_ROOT), Access::Read).unwrap();
+        assert!(
+            cowherd_builder::versions(&root, "bench-bookworm-minbase")
+                .unwrap()
+                .is_empty()
+        );
+        drop(root);
+        // A second call reuses the tarball.
+        let mtime = |p: &Path| fs::metadata(p).unwrap().modified().unwrap();
+        let first = mtime(&tar);
+        assert_eq!(template_tarball(&t, &cache, epoch).unwrap(), tar);
+        assert_eq!(mtime(&tar), first);
+
+        let tree = dir.path().join("tree");
+        unpack(&tar, &tree).unwrap();
+        let mut inodes = BTreeMap::new();
+        for entry in walkdir::WalkDir::new(&tree) {
+            let m = entry.unwrap().metadata().unwrap();
+            assert!(m.mtime() <= epoch, "mtimes are clamped");
+            if m.is_file() {
+                *inodes.entry(m.ino()).or_insert(0) += 1;
+            }
+        }
+        // Only dpkg's own hard links (perl's), not files the store would have merged.
+        let linked = inodes.values().filter(|&&n| n > 1).count();
+        assert!((1..10).contains(&linked), "{linked} hard-link groups");
+        // Cleaned for reuse.
+        let id = fs::read(tree.join("etc/machine-id")).unwrap_or_default();
+        assert!(id.is_empty(), "machine-id {id:?}");
+        let files_below = |rel: &str| {
+            walkdir::WalkDir::new(tree.join(rel))
+                .into_iter()
+                .filter(|e| e.as_ref().unwrap().file_type().is_file())
+                .count()
+        };
+        assert_eq!(files_below("var/lib/apt/lists"), 0);
+        assert_eq!(files_below("var/log"), 0);
+        assert!(tree.join("usr/bin/apt-get").is_file());
+        // And the generator reads it as before.
+        let base = load_template(&tree, &t.name(), 1, epoch).unwrap();
+        assert!(base.tree.regular_files() > 5_000);
+        assert!(!base.etc_pool.is_empty());
+        assert_eq!(base.upgrades.len(), 2);
+    }
 
     /// A tiny "template": a library package, a tool with a conffile, a hard-link pair, a
     /// symlink, a file with a capability and dpkg's records.

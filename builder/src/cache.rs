@@ -156,8 +156,49 @@ pub fn template_policy(set: &TemplateSet, name: &str) -> Result<Option<PolicyFil
     Ok(policy)
 }
 
-/// Builds template `name`: the newest cached version is returned as it is unless `new_version`
-/// (a rebuild); a template built on another (`from`) builds that one first if it is not cached.
+/// How [`build_template`] runs.
+#[derive(Clone, Debug, Default)]
+pub struct BuildOptions {
+    /// Build a new version even if one is cached (a rebuild).
+    pub new_version: bool,
+    /// Where the bootstrapper's and tar's messages go (appended); the caller's standard
+    /// output and error if `None`.
+    pub log: Option<PathBuf>,
+    /// `SOURCE_DATE_EPOCH` for the bootstrapper (it clamps the tree's timestamps); else the
+    /// environment's, if set.
+    pub source_date_epoch: Option<i64>,
+}
+
+impl BuildOptions {
+    /// The epoch the build uses: the option's, else the environment's.
+    fn epoch(&self) -> Option<i64> {
+        self.source_date_epoch.or_else(|| {
+            std::env::var("SOURCE_DATE_EPOCH")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        })
+    }
+
+    /// Points a tool's output at the log, and gives it the epoch.
+    fn prepare(&self, cmd: &mut Command) -> Result<(), Error> {
+        if let Some(epoch) = self.epoch() {
+            cmd.env("SOURCE_DATE_EPOCH", epoch.to_string());
+        }
+        if let Some(log) = &self.log {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .map_err(io(log))?;
+            cmd.stdout(file.try_clone().map_err(io(log))?).stderr(file);
+        }
+        Ok(())
+    }
+}
+
+/// Builds template `name`: the newest cached version is returned as it is unless
+/// `opts.new_version` (a rebuild); a template built on another (`from`) builds that one first
+/// if it is not cached.
 ///
 /// # Algorithm
 /// In `templates/NAME/.building/tree`: the base (the bootstrapper with the packages; a
@@ -176,16 +217,22 @@ pub fn build_template(
     root: &HostRoot,
     set: &TemplateSet,
     name: &str,
-    new_version: bool,
+    opts: &BuildOptions,
     progress: &dyn Progress,
 ) -> Result<Built, Error> {
     let template = set.get(name)?;
-    if !new_version && let Some(built) = latest(root, name)? {
+    if !opts.new_version
+        && let Some(built) = latest(root, name)?
+    {
         return Ok(built);
     }
     let parent = match &template.base {
         Base::From { template: parent } => {
-            Some(build_template(root, set, parent, false, progress)?)
+            let cached = BuildOptions {
+                new_version: false,
+                ..opts.clone()
+            };
+            Some(build_template(root, set, parent, &cached, progress)?)
         }
         _ => None,
     };
@@ -195,7 +242,7 @@ pub fn build_template(
         _ => Err(e),
     })?;
     let tree_rel = staging.join("tree");
-    let made_by = make_base(root, template, parent.as_ref(), &tree_rel)?;
+    let made_by = make_base(root, template, parent.as_ref(), &tree_rel, opts)?;
     let tree = Tree::open(root, &tree_rel)?;
     let installs = match template.base {
         Base::Bootstrap { .. } => None,
@@ -218,9 +265,7 @@ pub fn build_template(
         packages: template.packages.clone(),
         steps: template.steps.clone(),
         from: parent.as_ref().map(Built::label),
-        source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
-            .ok()
-            .and_then(|v| v.parse().ok()),
+        source_date_epoch: opts.epoch(),
         files,
         bytes,
     };
@@ -258,6 +303,7 @@ fn make_base(
     template: &Template,
     parent: Option<&Built>,
     tree_rel: &Path,
+    opts: &BuildOptions,
 ) -> Result<String, Error> {
     let tree_path = root.path().join(tree_rel);
     match &template.base {
@@ -280,6 +326,7 @@ fn make_base(
                 cmd.arg(format!("--include={}", template.packages.join(",")));
             }
             cmd.arg(suite).arg(&tree_path).args(mirror);
+            opts.prepare(&mut cmd)?;
             run(&mut cmd, &template.name, tool)?;
             Ok(format!("{tool} {suite} {variant}"))
         }

@@ -68,6 +68,10 @@ const STANDARD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 /// running machine, not an error.
 const RSYNC_VANISHED: i32 = 24;
 
+/// rsync's I/O timeout: a source that sends nothing for this long (a dead host, a hung
+/// network) fails the import instead of hanging it.
+const IO_TIMEOUT_SECS: u32 = 600;
+
 /// Suffix of the machine's originals that a fixup replaced or disabled.
 pub const ORIG_SUFFIX: &str = ".cowherd-orig";
 
@@ -332,7 +336,10 @@ impl FromStr for Source {
             };
             return parse_daemon(&format!("{host}/{daemon_path}")).map_err(bad);
         }
-        check_host(host).map_err(bad)?;
+        if !host.contains(':') {
+            // Else an IPv6 address, checked between its brackets.
+            check_host(host).map_err(bad)?;
+        }
         if !path.starts_with('/') {
             return Err(bad(
                 "give the absolute path of the machine's root on the host, as in host:/",
@@ -605,14 +612,19 @@ impl<T> At<T> for nix::Result<T> {
 /// # Algorithm
 /// **Import.** The name must be free. The guest is made in the root's staging directory
 /// `guests/.NAME.creating/` ([`NewGuest`]), whose `base/` is filled:
-/// * by rsync `-aHAXS --numeric-ids --one-file-system` from the source (under
-///   `setpriv --pdeathsig KILL`, so it dies with the caller), leaving out the contents of the
-///   pseudo and volatile directories and the swap files ([`EXCLUDED`], and for a local source
-///   the swap files its host's `/proc/swaps` names below it); no other mounted filesystem of
-///   the source is crossed, so their mount points arrive as empty directories; then one more
+/// * by rsync `-aHAXS --numeric-ids --one-file-system --modify-window=-1` (timestamps
+///   compared to the nanosecond) from the source, leaving out the contents of the pseudo and
+///   volatile directories and the swap files ([`EXCLUDED`], and for a local source the swap
+///   files its host's `/proc/swaps` names below it); no other mounted filesystem of the
+///   source is crossed, so their mount points arrive as empty directories; then one more
 ///   rsync pass per [`ImportOptions::include_mounts`] path copies that filesystem into its
-///   mount point;
+///   mount point. The mounts left out are listed (for an ssh source, by reading its
+///   `/proc/self/mountinfo` through the remote shell);
 /// * or by GNU tar (`--xattrs --xattrs-include=* --acls --numeric-owner -p`) for a tarball.
+///
+/// rsync (or tar) runs as PID 1 of a PID namespace of its own that dies with the calling
+/// thread (`setpriv --pdeathsig KILL -- unshare --pid --kill-child`): a killed caller leaves
+/// no process writing into the staging directory.
 ///
 /// The fixups ([`apply_fixups`]) are applied in the staging tree, the record (origin
 /// [`OriginKind::Import`] with the source, the machine's hostname) is written, and the
@@ -634,8 +646,9 @@ impl<T> At<T> for nix::Result<T> {
 ///
 /// # Errors
 /// [`ImportError::Unify`] for a bad or taken name (`GuestExists`, checked before anything is
-/// copied), a missing guest or a mounted one (resync); [`ImportError::MissingProgram`]
-/// naming the package without rsync (or tar, or util-linux's setpriv);
+/// copied) or a missing guest (resync); [`ImportError::Mounted`] for a mounted one (resync);
+/// [`ImportError::MissingProgram`] naming the package without rsync (or tar, ssh, or
+/// util-linux's setpriv and unshare);
 /// [`ImportError::SourceMissing`] for a local source that is not there;
 /// [`ImportError::Copy`], one line naming the source and the copying program's own message,
 /// for an unreachable or failing source; [`ImportError::BadIncludeMount`];
@@ -785,9 +798,12 @@ fn resync(
         Some(&base),
         &mut report,
     )
-    .and_then(|()| apply_fixups(&scratch));
-    let fixups = match result {
-        Ok(fixups) => fixups,
+    .and_then(|()| {
+        let tree = Beneath::open(&scratch).at(&scratch)?;
+        Ok((fixups_in(&tree)?, machine_hostname(&tree)))
+    });
+    let (fixups, hostname) = match result {
+        Ok(done) => done,
         Err(e) => {
             let _ = remove_below_root(root, &scratch_rel);
             return Err(e);
@@ -795,6 +811,14 @@ fn resync(
     };
     report.fixups = fixups.fixups;
     report.warnings.extend(fixups.warnings);
+    if hostname.is_some() && hostname != record.hostname {
+        report.warnings.push(format!(
+            "the machine's hostname is now {}; the guest's record keeps {}",
+            hostname.as_deref().unwrap_or_default(),
+            record.hostname()
+        ));
+    }
+    report.hostname = hostname;
     let dir = nix::fcntl::open(
         &guest_dir,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
@@ -892,8 +916,9 @@ fn included_mounts(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ImportError> {
 
 /// The programs an import runs, found before anything is made.
 struct Tools {
-    /// util-linux's `setpriv`: the copying program dies with its caller.
+    /// util-linux's `setpriv` and `unshare`: the copying program dies with its caller.
     setpriv: PathBuf,
+    unshare: PathBuf,
     /// rsync or tar.
     copier: PathBuf,
     /// The remote shell's argv, to list an ssh source's mounts.
@@ -909,6 +934,7 @@ impl Tools {
             })
         };
         let setpriv = need("setpriv", "util-linux")?;
+        let unshare = need("unshare", "util-linux")?;
         let copier = if source.is_rsync() {
             need("rsync", "rsync")?
         } else {
@@ -927,16 +953,22 @@ impl Tools {
         };
         Ok(Tools {
             setpriv,
+            unshare,
             copier,
             rsh,
         })
     }
 
-    /// `setpriv --pdeathsig KILL -- PROGRAM ARGS…` in the C locale, stdin closed, output
-    /// captured.
+    /// `setpriv --pdeathsig KILL -- unshare --pid --kill-child -- PROGRAM ARGS…` in the C
+    /// locale, stdin closed, output captured: the program runs as PID 1 of a new PID
+    /// namespace, killed when `unshare` dies, which is killed when the calling thread dies; so
+    /// the program and every process it forks (rsync's receiver and generator, ssh) die with
+    /// the caller, even by SIGKILL, and stop writing into the staging directory.
     fn run(&self, program: &Path, args: &[OsString]) -> std::io::Result<Output> {
         Command::new(&self.setpriv)
             .args(["--pdeathsig", "KILL", "--"])
+            .arg(&self.unshare)
+            .args(["--pid", "--kill-child", "--"])
             .arg(program)
             .args(args)
             .env("LC_ALL", "C")
@@ -1018,6 +1050,7 @@ fn fill(
         }
     }
     let main = Pass {
+        shown: source.to_string(),
         from: source.rsync_arg(Path::new("")),
         to: dest.to_path_buf(),
         excludes: excluded.clone(),
@@ -1036,6 +1069,7 @@ fn fill(
             })
             .collect();
         let pass = Pass {
+            shown: format!("{source} (mount /{})", rel.display()),
             from: source.rsync_arg(rel),
             to: dest.join(rel),
             excludes,
@@ -1068,6 +1102,8 @@ fn fill(
 
 /// One rsync run.
 struct Pass {
+    /// The source, for messages.
+    shown: String,
     from: OsString,
     to: PathBuf,
     excludes: Vec<String>,
@@ -1084,12 +1120,18 @@ fn rsync(
     pass: &Pass,
     report: &mut ImportReport,
 ) -> Result<(), ImportError> {
+    let timeout = format!("--timeout={IO_TIMEOUT_SECS}");
     let mut args: Vec<OsString> = [
         "-aHAXS",
         "--numeric-ids",
         "--one-file-system",
         "--stats",
         "--no-human-readable",
+        // Timestamps equal to the nanosecond, not to the second (rsync's default): else a
+        // directory made in the same second as the source's mtime keeps its own, and a file
+        // changed within its mtime's second looks unchanged to a resync.
+        "--modify-window=-1",
+        &timeout,
     ]
     .iter()
     .map(OsString::from)
@@ -1118,11 +1160,11 @@ fn rsync(
     if code == Some(RSYNC_VANISHED) {
         report.warnings.push(format!(
             "files vanished from {} while they were copied (normal on a running machine; resync after stopping its services)",
-            show_os(&pass.from)
+            pass.shown
         ));
     } else if code != Some(0) {
         return Err(ImportError::Copy {
-            from: show_os(&pass.from),
+            from: pass.shown.clone(),
             message: copy_message("rsync", &stderr, code),
         });
     }
@@ -1133,15 +1175,6 @@ fn rsync(
     report.transferred_bytes += stats.literal_bytes;
     report.wire_bytes += stats.wire_bytes;
     Ok(())
-}
-
-/// Shows an rsync argument without its trailing slash.
-fn show_os(arg: &OsStr) -> String {
-    let shown = arg.to_string_lossy();
-    match shown.trim_end_matches('/') {
-        "" => shown.into_owned(),
-        trimmed => trimmed.to_string(),
-    }
 }
 
 /// Unpacks a tarball into `dest` with GNU tar and counts what it holds.
@@ -1449,10 +1482,12 @@ impl Fixer<'_> {
         Ok(self.guard(rel, read)?.flatten())
     }
 
-    fn not_regular(&mut self, rel: &str) {
+    /// Warns that `rel` is not a regular file, which a fixup leaves alone.
+    fn not_regular(&mut self, rel: &str) -> Result<(), ImportError> {
         self.out.warnings.push(format!(
             "/{rel} is not a regular file (a symlink?): not followed, left as it is"
         ));
+        Ok(())
     }
 
     fn fstab(&mut self) -> Result<(), ImportError> {
@@ -1461,7 +1496,7 @@ impl Fixer<'_> {
             return Ok(());
         };
         if kind(&st) == SFlag::S_IFDIR {
-            return Ok(self.not_regular(rel));
+            return self.not_regular(rel);
         }
         let old = if kind(&st) == SFlag::S_IFREG {
             self.read(rel)?.unwrap_or_default()
@@ -1550,7 +1585,7 @@ impl Fixer<'_> {
             return Ok(());
         };
         if kind(&st) != SFlag::S_IFREG {
-            return Ok(self.not_regular(rel));
+            return self.not_regular(rel);
         }
         let Some(old) = self.read(rel)? else {
             return Ok(());
@@ -1576,7 +1611,7 @@ impl Fixer<'_> {
             return Ok(());
         };
         if kind(&st) != SFlag::S_IFREG {
-            return Ok(self.not_regular(rel));
+            return self.not_regular(rel);
         }
         let Some(old) = self.read(rel)? else {
             return Ok(());
@@ -1626,7 +1661,7 @@ impl Fixer<'_> {
 
     /// Names the network configuration ifupdown's fixup does not cover.
     fn other_network_stacks(&mut self) {
-        let stacks: [(&str, &str, fn(&[u8]) -> bool); 5] = [
+        let stacks: [(&str, &str, NameFilter); 5] = [
             ("netplan", "etc/netplan", |n| {
                 n.ends_with(b".yaml") || n.ends_with(b".yml")
             }),
@@ -1663,6 +1698,9 @@ impl Fixer<'_> {
         }
     }
 }
+
+/// Which names of a directory count.
+type NameFilter = fn(&[u8]) -> bool;
 
 /// The file type bits of a stat.
 fn kind(st: &FileStat) -> SFlag {
@@ -1805,8 +1843,19 @@ impl Beneath {
         nix::fcntl::openat2(&self.fd, rel, how)
     }
 
+    /// Opens the directory `rel`: `ELOOP` if it is a symlink, `ENOTDIR` if it is something
+    /// else (never opened: a device node is not opened for reading).
     fn dir(&self, rel: &Path) -> nix::Result<OwnedFd> {
-        self.open_at(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+        let found = self.open_at(rel, OFlag::O_PATH)?;
+        match kind(&nix::sys::stat::fstat(&found)?) {
+            SFlag::S_IFDIR => {}
+            SFlag::S_IFLNK => return Err(Errno::ELOOP),
+            _ => return Err(Errno::ENOTDIR),
+        }
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        nix::fcntl::openat2(&found, ".", how)
     }
 
     /// The opened parent directory of `rel`, and its last component.
@@ -1902,6 +1951,10 @@ impl Beneath {
         } else {
             (0, 0, 0o644)
         };
+        // Owner, then mode (a chown clears setuid bits), then xattrs (a chown would drop a
+        // capability).
+        nix::unistd::fchown(&file, Some(uid.into()), Some(gid.into()))?;
+        nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(mode))?;
         if regular {
             let old = self.open_at(rel, OFlag::O_RDONLY | OFlag::O_NONBLOCK)?;
             let old = std::fs::File::from(old);
@@ -1911,8 +1964,6 @@ impl Beneath {
                 }
             }
         }
-        nix::unistd::fchown(&file, Some(uid.into()), Some(gid.into()))?;
-        nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(mode))?;
         file.sync_all().map_err(io)?;
         drop(file);
         self.keep_orig(&dir, name)?;

@@ -14,8 +14,8 @@ mod template;
 
 pub use build::{GuestBuild, build_guest, numbered_names};
 pub use cache::{
-    Built, BuiltRecord, build_template, guests_using, latest, remove_template, template_policy,
-    versions,
+    BuildOptions, Built, BuiltRecord, build_template, guests_using, latest, remove_template,
+    template_policy, versions,
 };
 pub use error::Error;
 pub use exec::{Exec, ExecOutput};

@@ -171,6 +171,19 @@ every capability, in the host's network.")]
     /// to the template's store objects, private files copies; then each gets its own
     /// hostname, machine-id, ssh host keys and random seed.
     Build(templates::BuildArgs),
+    /// Import a physical machine (or a tree, or a tarball) as a guest with rsync, with the
+    /// fixups a guest needs, then unify it and say how much of it the store held already.
+    #[command(
+        long_about = "Copy SOURCE into a new guest with rsync -aHAXS --numeric-ids \
+--one-file-system, leaving out /proc /sys /dev /run /tmp /mnt /media /lost+found (kept empty), \
+swap files and every other mounted filesystem of the source (unless named with \
+--include-mount). Then the fixups a guest needs: a neutral /etc/fstab, no udev persistent-net \
+rules, no hardware services (hwclock, smartd, gettys on real ttys), guest-style ifupdown \
+network configuration; each original kept as NAME.cowherd-orig; the identity (hostname, \
+machine-id, ssh host keys) kept. --resync transfers only what changed since (the final pass \
+after stopping the source's services) and applies the fixups again."
+    )]
+    Import(templates::ImportArgs),
     /// Print a systemd unit that mounts a guest before its runtime starts.
     Unit {
         /// The guest.
@@ -386,6 +399,7 @@ fn run(cli: Cli) -> Result<u8> {
             templates::run(&open(&cli.root, access)?, command, &bars)
         }
         Command::Build(args) => templates::build(&open(&cli.root, Access::Write)?, args, &bars),
+        Command::Import(args) => templates::import(&open(&cli.root, Access::Write)?, args, &bars),
         Command::Unit { guest, fold } => {
             let root = open(&cli.root, Access::Read)?;
             let exe = std::env::current_exe().context("finding the cowherd binary")?;

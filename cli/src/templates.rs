@@ -273,7 +273,11 @@ fn show(root: &HostRoot, name: &str, json: bool) -> Result<u8> {
 fn build_template(root: &HostRoot, name: &str, new: bool, json: bool, bars: &Bars) -> Result<u8> {
     let set = template_set(root)?;
     let before = cowherd_builder::latest(root, name)?.map(|b| b.record.version);
-    let built = cowherd_builder::build_template(root, &set, name, new, bars)?;
+    let opts = cowherd_builder::BuildOptions {
+        new_version: new,
+        ..Default::default()
+    };
+    let built = cowherd_builder::build_template(root, &set, name, &opts, bars)?;
     if json {
         print_json(&built)?;
     } else if Some(built.record.version) == before {
@@ -383,5 +387,104 @@ pub fn build(root: &HostRoot, args: BuildArgs, bars: &Bars) -> Result<u8> {
             );
         }
     }
+    Ok(code)
+}
+
+/// `cowherd import`'s options.
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// The new guest's name (or, with --resync, the imported guest's).
+    guest: String,
+    /// Where from: `[user@]host:/` (rsync over ssh), `rsync://host/module/`, a local
+    /// directory, or a tarball (.tar, .tar.gz, .tar.xz, .tar.zst…).
+    #[arg(long, value_name = "SOURCE")]
+    from: String,
+    /// Also copy this mount point of the source (other mounts are left out); repeatable.
+    #[arg(long, value_name = "PATH")]
+    include_mount: Vec<PathBuf>,
+    /// The remote shell rsync uses, e.g. "ssh -p 2222 -i /root/.ssh/p2v".
+    #[arg(long, value_name = "COMMAND")]
+    rsh: Option<String>,
+    /// A second pass over an imported (unmounted) guest: transfer only what changed since
+    /// (the final sync after stopping services on the source), then the fixups again.
+    #[arg(long)]
+    resync: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `cowherd import --json` prints.
+#[derive(Serialize)]
+struct Imported {
+    #[serde(flatten)]
+    import: cowherd_builder::ImportReport,
+    unify: cowherd_unify::UnifyReport,
+    already_stored: cowherd_unify::AlreadyStored,
+}
+
+pub fn import(root: &HostRoot, args: ImportArgs, bars: &Bars) -> Result<u8> {
+    let source: cowherd_builder::Source = args.from.parse()?;
+    let opts = cowherd_builder::ImportOptions {
+        include_mounts: args.include_mount,
+        rsh: args.rsh,
+        resync: args.resync,
+    };
+    let mark = cowherd_unify::store_mark(root)?;
+    let import = cowherd_builder::import(root, &args.guest, &source, &opts)?;
+    let names = [args.guest.clone()];
+    let unify = cowherd_unify::unify(root, &names, &UnifyOptions::default(), bars)?;
+    let already = cowherd_unify::already_stored(root, &args.guest, mark)?;
+    let code = if unify.failures.is_empty() {
+        0
+    } else {
+        EXIT_PARTIAL
+    };
+    for failure in &unify.failures {
+        eprintln!("warning: {failure}");
+    }
+    for warning in &import.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if args.json {
+        print_json(&Imported {
+            import,
+            unify,
+            already_stored: already,
+        })?;
+        return Ok(code);
+    }
+    outln!(
+        "{} {} from {}: {} files, {} ({} transferred)",
+        if import.resync {
+            "resynced"
+        } else {
+            "imported"
+        },
+        import.guest,
+        import.source,
+        import.files,
+        fmt::bytes(import.bytes),
+        fmt::bytes(import.transferred_bytes)
+    );
+    for fixup in &import.fixups {
+        outln!("  fixup: {fixup}");
+    }
+    if !import.excluded_mounts.is_empty() {
+        outln!(
+            "  left out (other filesystems of the source): {} (--include-mount copies one)",
+            import.excluded_mounts.join(", ")
+        );
+    }
+    outln!(
+        "already in the store: {} of its {} files, {} of {} ({:.0}%); unify linked {} files, saved {}",
+        already.stored_files,
+        already.files,
+        fmt::bytes(already.stored_bytes),
+        fmt::bytes(already.bytes),
+        100.0 * already.stored_bytes as f64 / already.bytes.max(1) as f64,
+        unify.linked_files,
+        fmt::bytes(unify.saved_bytes)
+    );
     Ok(code)
 }

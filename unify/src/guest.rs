@@ -10,8 +10,10 @@
 //! │                whiteouts); private to the guest, emptied into base/ by `fold`
 //! ├── work/        overlayfs work directory (emptied by `fold`)
 //! ├── rootfs/      the overlay's mount point, unless the record names another
-//! └── tmp/         scratch of fold and split (new names, trash, the old upper); never part of
-//!                  what the guest sees, emptied by the next fold, split or destroy
+//! ├── tmp/         scratch of fold and split (new names, trash, the old upper); never part of
+//! │                what the guest sees, emptied by the next fold, split or destroy
+//! └── resync/      an import's second pass being built (`import --resync`), swapped with
+//!                  base/ when complete; a stale one is removed by the next resync
 //! ```
 
 use std::ffi::OsStr;

@@ -42,7 +42,8 @@ pub use guest::{
 };
 pub use lifecycle::{DestroyReport, ExportReport, SplitReport, destroy, export, split};
 pub use maintain::{
-    GcReport, GuestStats, Problem, Stats, TopObject, Totals, VerifyReport, gc, stats, verify,
+    AlreadyStored, GcReport, GuestStats, Problem, Stats, TopObject, Totals, VerifyReport,
+    already_stored, gc, stats, store_mark, verify,
 };
 pub use memory::{MemoryObject, MemoryStats, memory_stats};
 pub use mountinfo::{MountEntry, parse_mountinfo, read_mountinfo};

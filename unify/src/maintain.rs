@@ -470,3 +470,54 @@ pub fn gc(root: &HostRoot, dry_run: bool) -> Result<GcReport> {
     }
     Ok(report)
 }
+
+/// A point in the store's history: the newest object so far (see [`already_stored`]).
+///
+/// # Errors
+/// Index errors.
+pub fn store_mark(root: &HostRoot) -> Result<i64> {
+    root.index
+        .conn
+        .query_row("SELECT COALESCE(MAX(id), 0) FROM objects", [], |r| r.get(0))
+        .map_err(|e| root.index.err(e))
+}
+
+/// How much of a guest was in the store already at `mark`: its files linked to objects that
+/// existed then.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AlreadyStored {
+    /// The guest's regular files.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Of those, files linked to objects older than the mark.
+    pub stored_files: u64,
+    /// Their bytes.
+    pub stored_bytes: u64,
+}
+
+/// How much of guest `name` (as of its last unify) links objects that existed at `mark`
+/// ([`store_mark`]): for an import, what the store held already.
+///
+/// # Errors
+/// Index errors.
+pub fn already_stored(root: &HostRoot, name: &str, mark: i64) -> Result<AlreadyStored> {
+    let idx = &root.index;
+    idx.conn
+        .query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0),
+                    COALESCE(SUM(object_id IS NOT NULL AND object_id <= ?2), 0),
+                    COALESCE(SUM(CASE WHEN object_id IS NOT NULL AND object_id <= ?2 THEN size END), 0)
+             FROM files WHERE guest_id = (SELECT id FROM guests WHERE name = ?1)",
+            rusqlite::params![name, mark],
+            |r| {
+                Ok(AlreadyStored {
+                    files: r.get::<_, i64>(0)? as u64,
+                    bytes: r.get::<_, i64>(1)? as u64,
+                    stored_files: r.get::<_, i64>(2)? as u64,
+                    stored_bytes: r.get::<_, i64>(3)? as u64,
+                })
+            },
+        )
+        .map_err(|e| idx.err(e))
+}
