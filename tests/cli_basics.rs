@@ -532,3 +532,25 @@ fn demo_runs_end_to_end_and_leaves_no_mount_behind() {
         "the demo left a mount behind"
     );
 }
+
+/// Regression: the example path of a top object came from one guest and its name from another
+/// (two independent MIN()s).
+#[test]
+fn the_example_of_a_top_object_is_a_path_of_that_guest() {
+    assert_root();
+    let s = Scratch::new("stats-example");
+    let root = init_root(s.path());
+    for (name, dir) in [("alpha", "usr/zz"), ("beta", "usr/aa")] {
+        adopt_built(&root, s.path(), name, |d| {
+            let mut t = TreeBuilder::new(d);
+            t.file(format!("{dir}/shared"), &content("shared", 50_000));
+            t.finish();
+        });
+    }
+    cowherd(&root).args(["unify", "--all"]).assert().success();
+    let stats = run_json(cowherd(&root).args(["stats", "--json", "--top", "1"]));
+    assert_eq!(
+        stats["top"][0]["example"], "alpha:/usr/zz/shared",
+        "{stats}"
+    );
+}

@@ -181,31 +181,42 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
             logical as f64 / physical as f64
         },
     };
+    // The objects that save the most, each with one path that links it: a guest's rather than
+    // a template's (`@…`), the first by name.
     let mut stmt = c
         .prepare(
-            "SELECT o.name, t.links, o.size, o.blocks, g.name, t.path
-             FROM (SELECT object_id, COUNT(*) AS links, MIN(guest_id) AS gid, MIN(path) AS path
-                   FROM files WHERE object_id IS NOT NULL GROUP BY object_id) t
-             JOIN objects o ON o.id = t.object_id LEFT JOIN guests g ON g.id = t.gid
+            "SELECT o.id, o.name, t.links, o.size, o.blocks
+             FROM (SELECT object_id, COUNT(*) AS links FROM files
+                   WHERE object_id IS NOT NULL GROUP BY object_id) t
+             JOIN objects o ON o.id = t.object_id
              ORDER BY (t.links - 1) * o.blocks DESC, o.name LIMIT ?1",
         )
         .map_err(|e| idx.err(e))?;
-    let top = stmt
+    let rows: Vec<(i64, String, i64, i64, i64)> = stmt
         .query_map([top as i64], |r| {
-            let links: i64 = r.get(1)?;
-            let blocks: i64 = r.get(3)?;
-            let guest: Option<String> = r.get(4)?;
-            let path: Vec<u8> = r.get(5)?;
-            Ok(TopObject {
-                object: r.get(0)?,
-                links: links as u64,
-                size: r.get::<_, i64>(2)? as u64,
-                saved_bytes: ((links - 1).max(0) * blocks * 512) as u64,
-                example: format!("{}:/{}", guest.unwrap_or_default(), display_path(&path)),
-            })
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })
-        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .and_then(|rows| rows.collect())
         .map_err(|e| idx.err(e))?;
+    let mut example = c
+        .prepare(
+            "SELECT g.name, f.path FROM files f JOIN guests g ON g.id = f.guest_id
+             WHERE f.object_id = ?1 ORDER BY g.name LIKE '@%', g.name, f.path LIMIT 1",
+        )
+        .map_err(|e| idx.err(e))?;
+    let mut top = Vec::with_capacity(rows.len());
+    for (id, object, links, size, blocks) in rows {
+        let (guest, path): (String, Vec<u8>) = example
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| idx.err(e))?;
+        top.push(TopObject {
+            object,
+            links: links as u64,
+            size: size as u64,
+            saved_bytes: ((links - 1).max(0) * blocks * 512) as u64,
+            example: format!("{guest}:/{}", display_path(&path)),
+        });
+    }
     Ok(Stats { guests, total, top })
 }
 
