@@ -1061,7 +1061,32 @@ fn a_mounted_guest_is_not_resynced() {
     assert!(matches!(err, ImportError::Mounted { .. }), "{err:?}");
     assert!(err.to_string().contains("cowherd umount web01"), "{err}");
     assert_same_content_and_metadata(&before, &manifest(&fx.base("web01")));
-    cowherd_unify::umount(&fx.root, "web01").expect("umount");
+
+    // Unmounted here, but a process of another mount namespace still holds a copy of the
+    // overlay: its layers must not change under it either.
+    let child = KillOnDrop::spawn(
+        Command::new("unshare")
+            .args(["-m", "sleep", "30"])
+            .current_dir("/")
+            .stdin(Stdio::null()),
+    );
+    let pid = child.id();
+    let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    wait_for("unshare -m to exec sleep in a new mount namespace", || {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        comm.trim() == "sleep" && ns(&pid.to_string()) != ns("self")
+    });
+    let rootfs = fx.root.guests_dir().join("web01/rootfs");
+    nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH).expect("umount here");
+    let err = import(&fx.root, "web01", &source, &opts).expect_err("held elsewhere");
+    assert!(
+        matches!(err, ImportError::Unify(cowherd_unify::Error::InUse { .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&pid.to_string()), "{err}");
+    assert_same_content_and_metadata(&before, &manifest(&fx.base("web01")));
+    drop(child);
+
     import_ok(&fx.root, "web01", &source, &opts);
     assert_eq!(
         fs::read(fx.base("web01").join("var/log/syslog")).unwrap(),

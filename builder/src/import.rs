@@ -21,7 +21,7 @@ use std::process::{Command, Output, Stdio};
 use std::str::FromStr;
 
 use cowherd_unify::{
-    HostRoot, MountState, NewGuest, Origin, OriginKind, guest_record, mount_state, parse_mountinfo,
+    HostRoot, NewGuest, Origin, OriginKind, ensure_offline, guest_record, parse_mountinfo,
     remove_below_root, validate_guest_name,
 };
 use nix::errno::Errno;
@@ -297,11 +297,12 @@ impl FromStr for Source {
         };
         if let Some(user) = user
             && (user.is_empty()
+                || user.starts_with('-')
                 || user.contains(['/', '[', ']'])
                 || user.contains(char::is_whitespace))
         {
             return Err(bad(
-                "the user name before `@` is empty or holds `/`, brackets or a space",
+                "the user name before `@` is empty, starts with `-` or holds `/`, brackets or a space",
             ));
         }
         let (host, path) = if let Some(bracketed) = rest.strip_prefix('[') {
@@ -364,6 +365,9 @@ fn is_tarball_name(path: &str) -> bool {
 fn check_host(host: &str) -> Result<(), &'static str> {
     if host.is_empty() {
         return Err("the host is empty");
+    }
+    if host.starts_with('-') {
+        return Err("the host starts with `-`");
     }
     if host
         .chars()
@@ -765,14 +769,12 @@ fn resync(
             given: source.to_string(),
         });
     }
-    match mount_state(root, name)? {
-        MountState::Unmounted => {}
-        MountState::Mounted { path } | MountState::Foreign { path, .. } => {
-            return Err(ImportError::Mounted {
-                name: name.to_string(),
-                path,
-            });
+    // Mounted here, or held by a process of another mount namespace: refused.
+    match ensure_offline(root, name) {
+        Err(cowherd_unify::Error::Mounted { name, path }) => {
+            return Err(ImportError::Mounted { name, path });
         }
+        other => other?,
     }
     check_source(&source)?;
     let tools = Tools::find(&source, opts)?;
@@ -1055,11 +1057,15 @@ fn fill(
         to: dest.to_path_buf(),
         excludes: excluded.clone(),
         link_dest: link_dest.map(Path::to_path_buf),
-        make_path: false,
     };
     rsync(tools, source, opts, &main, report)?;
     report.excluded = excluded;
     for rel in included {
+        // rsync resolves the destination path itself, following symlinks: make every
+        // directory on the way here, beneath the staging tree, refusing one the machine
+        // planted as a symlink (or anything but a directory) — and likewise in `link_dest`.
+        real_dirs(dest, rel)?;
+        let link_dest = link_dest.filter(|base| real_dirs(base, rel).is_ok());
         let excludes = swaps
             .iter()
             .filter_map(|swap| {
@@ -1074,7 +1080,6 @@ fn fill(
             to: dest.join(rel),
             excludes,
             link_dest: link_dest.map(|base| base.join(rel)),
-            make_path: true,
         };
         rsync(tools, source, opts, &pass, report)?;
         report
@@ -1100,6 +1105,22 @@ fn fill(
     Ok(())
 }
 
+/// Makes the directories of `rel` below `top` (0755 where missing), beneath it and following
+/// no symlink: an included mount's destination (or `--link-dest`) that the machine's own tree
+/// made a symlink or a file is refused.
+fn real_dirs(top: &Path, rel: &Path) -> Result<(), ImportError> {
+    let tree = Beneath::open(top).at(top)?;
+    tree.make_dirs(rel).map_err(|e| ImportError::BadIncludeMount {
+        path: Path::new("/").join(rel),
+        why: match e {
+            Errno::ELOOP | Errno::ENOTDIR | Errno::EEXIST => {
+                "the machine's own tree holds a symlink or a file there, not a mount point's directory"
+            }
+            _ => "its directory cannot be made in the guest",
+        },
+    })
+}
+
 /// One rsync run.
 struct Pass {
     /// The source, for messages.
@@ -1108,8 +1129,6 @@ struct Pass {
     to: PathBuf,
     excludes: Vec<String>,
     link_dest: Option<PathBuf>,
-    /// Make the destination's missing parents (an included mount below an excluded directory).
-    make_path: bool,
 }
 
 /// Runs one rsync pass and adds its statistics to `report`.
@@ -1136,9 +1155,6 @@ fn rsync(
     .iter()
     .map(OsString::from)
     .collect();
-    if pass.make_path {
-        args.push("--mkpath".into());
-    }
     if let (Source::Ssh { .. }, Some(rsh)) = (source, &opts.rsh) {
         args.push(format!("--rsh={rsh}").into());
     }
@@ -1150,6 +1166,8 @@ fn rsync(
         arg.push(link_dest);
         args.push(arg);
     }
+    // No source or destination is ever read as an option.
+    args.push("--".into());
     args.push(pass.from.clone());
     let mut to = pass.to.clone().into_os_string();
     to.push("/");
@@ -1284,7 +1302,7 @@ fn copy_message(program: &str, stderr: &str, code: Option<i32>) -> String {
     let summary = |line: &&str| {
         line.starts_with("rsync error:")
             || line.contains("connection unexpectedly closed")
-            || line.starts_with("tar: Exiting with failure status")
+            || line.contains("tar: Exiting with failure status")
     };
     let line = lines
         .iter()
@@ -2116,6 +2134,9 @@ mod tests {
             ("a b:/", "space"),
             ("user@host::mod", "RSYNC_USERNAME"),
             ("host:/a\nb", "control"),
+            ("-oProxyCommand=x:/", "starts with `-`"),
+            ("-l@host:/", "starts with `-`"),
+            ("rsync://-host/m", "starts with `-`"),
         ] {
             let err = spec.parse::<Source>().unwrap_err();
             assert!(
@@ -2275,6 +2296,32 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    /// Regression (review): rsync resolves an included mount's destination itself, following
+    /// symlinks, so a symlink the machine planted on the way (here `srv` aimed at a host
+    /// directory) must be refused, not followed out of the staging tree.
+    #[test]
+    fn an_included_mounts_destination_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        let host = dir.path().join("host-etc");
+        fs::create_dir_all(&staging).unwrap();
+        fs::create_dir_all(&host).unwrap();
+        symlink(&host, staging.join("srv")).unwrap();
+        fs::write(staging.join("file"), b"x").unwrap();
+        for rel in ["srv/www", "srv", "file/www"] {
+            let err = real_dirs(&staging, Path::new(rel)).unwrap_err();
+            assert!(
+                matches!(err, ImportError::BadIncludeMount { .. }),
+                "{rel}: {err}"
+            );
+            assert!(err.to_string().contains("symlink or a file"), "{rel}: {err}");
+        }
+        assert_eq!(fs::read_dir(&host).unwrap().count(), 0, "made outside");
+        real_dirs(&staging, Path::new("data/www")).unwrap();
+        assert!(staging.join("data/www").is_dir());
+        real_dirs(&staging, Path::new("data/www")).unwrap();
     }
 
     #[test]

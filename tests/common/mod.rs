@@ -1583,3 +1583,22 @@ pub fn seed(var: &str) -> u64 {
     eprintln!("seed {seed} (rerun with {var}={seed})");
     seed
 }
+
+/// `cowherd umount NAMES…`, asserting success. A forked child of this multi-threaded test
+/// process (another test starting a command) briefly holds a copy of every file open here,
+/// which `umount` rightly refuses ("in use by"): such a refusal is retried for a few seconds.
+pub fn umount_ok(root: &Path, names: &[&str]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = cowherd(root).arg("umount").args(names).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            stderr.contains("in use by") && std::time::Instant::now() < deadline,
+            "cowherd umount {names:?} failed: {stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

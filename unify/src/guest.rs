@@ -572,6 +572,21 @@ impl OfflineGuest {
     }
 }
 
+/// Refuses guest `name` while it is in use anywhere on the host: its overlay or any mount in
+/// its directory, in this mount namespace or another ([`check_offline`]). For a caller outside
+/// this crate about to change the guest's layers (an import's resync).
+///
+/// # Errors
+/// [`Error::NoSuchGuest`], [`Error::Mounted`], [`Error::InUse`], record and I/O errors.
+pub fn ensure_offline(root: &HostRoot, name: &str) -> Result<()> {
+    let record = guest_record(root, name)?;
+    check_offline(
+        root,
+        &record,
+        &MountTable::all().at("/proc/self/mountinfo")?,
+    )
+}
+
 /// Refuses a guest that is in use: a mount at or below its directory or at its mount point (its
 /// overlay, say), or an overlay in any mount namespace of the host that has one of its
 /// directories as a layer (a copy of its overlay held by a process in another namespace).

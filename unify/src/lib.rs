@@ -37,7 +37,7 @@ pub use create::{
 pub use error::{Error, Result};
 pub use fold::{FoldAction, FoldEntry, FoldOptions, FoldReport, fold};
 pub use guest::{
-    GuestPaths, GuestRecord, Origin, OriginKind, adopt, guest_names, guest_record,
+    GuestPaths, GuestRecord, Origin, OriginKind, adopt, ensure_offline, guest_names, guest_record,
     validate_guest_name,
 };
 pub use lifecycle::{DestroyReport, ExportReport, SplitReport, destroy, export, split};
