@@ -276,6 +276,28 @@ fn bad_templates_and_names_are_one_line_errors() {
         .unwrap();
     let err = assert_one_line_error(&out, 1);
     assert!(err.contains("broken.toml:3"), "{err}");
+    // Regression (review): a mirror or a package that a bootstrapper or the shell would read
+    // as an option or a command is refused before anything runs.
+    for (text, key) in [
+        (
+            "suite = \"bookworm\"\nmirror = \"--hook-dir=/tmp\"\n",
+            "mirror",
+        ),
+        (
+            "suite = \"bookworm\"\npackages = [\"nginx;touch /pwned\"]\n",
+            "packages",
+        ),
+        ("suite = \"bookworm\"\npackages = [\"$(id)\"]\n", "packages"),
+    ] {
+        fs::write(&file, text).unwrap();
+        let out = cowherd(&root)
+            .args(["template", "check"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let err = assert_one_line_error(&out, 1);
+        assert!(err.contains("broken.toml:2") && err.contains(key), "{err}");
+    }
     fs::remove_file(&file).unwrap();
 
     let archive = tarball(&s, 3);

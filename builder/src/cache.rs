@@ -245,12 +245,15 @@ pub fn build_template(
     let made_by = make_base(root, template, parent.as_ref(), &tree_rel, opts)?;
     let tree = Tree::open(root, &tree_rel)?;
     let installs = match template.base {
-        Base::Bootstrap { .. } => None,
-        _ if template.packages.is_empty() => None,
-        _ => Some(install_command(&template.packages)),
+        Base::Bootstrap { .. } => false,
+        _ => !template.packages.is_empty(),
     };
-    for step in installs.iter().chain(&template.steps) {
-        run_step(tree.path(), name, step)?;
+    if installs {
+        // The names are arguments of the script, never parsed by the shell.
+        run_step(tree.path(), name, INSTALL_SCRIPT, &template.packages)?;
+    }
+    for step in &template.steps {
+        run_step(tree.path(), name, step, &[])?;
     }
     clean_for_reuse(root, &tree)?;
     let version = versions(root, name)?
@@ -324,6 +327,11 @@ fn make_base(
             }
             if !template.packages.is_empty() {
                 cmd.arg(format!("--include={}", template.packages.join(",")));
+            }
+            // Every word was checked not to start with `-` (template.rs); mmdebstrap is told
+            // so as well (debootstrap knows no `--`).
+            if tool == "mmdebstrap" {
+                cmd.arg("--");
             }
             cmd.arg(suite).arg(&tree_path).args(mirror);
             opts.prepare(&mut cmd)?;
@@ -405,20 +413,18 @@ fn run(cmd: &mut Command, template: &str, tool: &'static str) -> Result<(), Erro
     }
 }
 
-/// The step that installs `packages` with apt, its output kept quiet.
-fn install_command(packages: &[String]) -> String {
-    format!(
-        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-         --no-install-recommends {} >/dev/null && apt-get clean",
-        packages.join(" ")
-    )
-}
+/// The step that installs the packages given as its arguments with apt, its output kept quiet.
+const INSTALL_SCRIPT: &str = "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get \
+     install -y -qq --no-install-recommends -- \"$@\" >/dev/null && apt-get clean";
 
-/// Runs one step of template `template` inside its tree, in its own namespaces.
-fn run_step(tree: &Path, template: &str, step: &str) -> Result<(), Error> {
-    let out = Exec::new(tree, "template", ["sh", "-c", step])
-        .capture(true)
-        .run()?;
+/// Runs one step of template `template` inside its tree, in its own namespaces: `sh -c step`
+/// with `args` as `$1…`.
+fn run_step(tree: &Path, template: &str, step: &str, args: &[String]) -> Result<(), Error> {
+    let argv = ["sh", "-c", step, "sh"]
+        .into_iter()
+        .map(String::from)
+        .chain(args.iter().cloned());
+    let out = Exec::new(tree, "template", argv).capture(true).run()?;
     if out.code == 0 {
         Ok(())
     } else {

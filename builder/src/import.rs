@@ -2316,7 +2316,10 @@ mod tests {
                 matches!(err, ImportError::BadIncludeMount { .. }),
                 "{rel}: {err}"
             );
-            assert!(err.to_string().contains("symlink or a file"), "{rel}: {err}");
+            assert!(
+                err.to_string().contains("symlink or a file"),
+                "{rel}: {err}"
+            );
         }
         assert_eq!(fs::read_dir(&host).unwrap().count(), 0, "made outside");
         real_dirs(&staging, Path::new("data/www")).unwrap();

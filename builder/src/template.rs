@@ -495,16 +495,14 @@ fn parse(name: &str, text: &str, origin: TemplateOrigin) -> Result<Entry, Templa
     let raw: RawTemplate = toml::from_str(text).map_err(|e| doc.toml_error(&e, false))?;
     let base = doc.base(&raw)?;
     for (i, package) in raw.packages.iter().enumerate() {
-        if package.is_empty()
-            || package.starts_with('-')
-            || package.contains(|c: char| c == ',' || c.is_whitespace() || c.is_control())
-        {
+        if !is_package_spec(package) {
             return Err(doc.item_error(
                 "packages",
                 i,
                 format!(
-                    "{package:?} is not a package name: write one name per string, without \
-                     spaces or commas, not starting with -"
+                    "{package:?} is not a package: write one Debian package name per string \
+                     (a-z 0-9 + . -, starting with a letter or digit), optionally with \
+                     :ARCH, =VERSION or /RELEASE"
                 ),
             ));
         }
@@ -679,10 +677,11 @@ impl Doc<'_> {
                     self.word("arch", arch, false)?;
                 }
                 if let Some(mirror) = &raw.mirror
-                    && (mirror.trim().is_empty() || mirror.contains(char::is_control))
+                    && !is_mirror(mirror)
                 {
-                    let message = "give one mirror URL (e.g. file:///srv/mirror), or remove the \
-                                   key for the bootstrapper's default";
+                    let message = "give one mirror URL (e.g. file:///srv/mirror) or absolute \
+                                   path, without spaces, or remove the key for the \
+                                   bootstrapper's default";
                     return Err(self.key_error("mirror", message.to_owned()));
                 }
                 let method = if method == "debootstrap" {
@@ -750,6 +749,55 @@ impl Doc<'_> {
         let message = format!("invalid value {value:?}: use one word of a-z A-Z 0-9 . _ + -{rule}");
         Err(self.key_error(key, message))
     }
+}
+
+/// A package as apt takes it: a Debian package name (`[a-z0-9][a-z0-9+.-]+`), optionally
+/// followed by `:ARCH`, then optionally by `=VERSION` or `/RELEASE`. Nothing else, so that no
+/// entry can be read as an option or a shell word.
+fn is_package_spec(spec: &str) -> bool {
+    let (rest, pin) = match spec.find(['=', '/']) {
+        Some(at) => (&spec[..at], Some(&spec[at..])),
+        None => (spec, None),
+    };
+    let (name, arch) = match rest.split_once(':') {
+        Some((name, arch)) => (name, Some(arch)),
+        None => (rest, None),
+    };
+    let name_ok = name.len() >= 2
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+.-".contains(&b));
+    let arch_ok = arch.is_none_or(|a| {
+        !a.is_empty()
+            && a.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    });
+    let pin_ok = pin.is_none_or(|p| {
+        let value = &p[1..];
+        let extra: &[u8] = if p.starts_with('=') {
+            b".+~:-"
+        } else {
+            b".+~-"
+        };
+        value.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+    });
+    name_ok && arch_ok && pin_ok
+}
+
+/// A mirror as the bootstrappers take it: `scheme://…` or an absolute path, one word.
+fn is_mirror(mirror: &str) -> bool {
+    let scheme_ok = mirror.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+.-".contains(&b))
+    });
+    (scheme_ok || mirror.starts_with('/'))
+        && !mirror.contains(|c: char| c.is_whitespace() || c.is_control())
 }
 
 /// The dotted path of the key whose name or value holds byte `offset`, innermost table first;
@@ -909,7 +957,7 @@ mod tests {
             variant = "buildd"
             arch = "arm64"
             mirror = "http://127.0.0.1:9/debian"
-            packages = ["a", "b=1.0"]
+            packages = ["aa", "b2=1.0"]
             steps = ["x", "y"]
             [policy]
             rules = ["private /srv/**"]
@@ -928,7 +976,7 @@ mod tests {
                     arch: Some("arm64".into()),
                     mirror: Some("http://127.0.0.1:9/debian".into()),
                 },
-                packages: vec!["a".into(), "b=1.0".into()],
+                packages: vec!["aa".into(), "b2=1.0".into()],
                 steps: vec!["x".into(), "y".into()],
                 policy: Some(PolicyFile {
                     rules: vec!["private /srv/**".into()],
@@ -1020,13 +1068,56 @@ mod tests {
             "packages",
         );
         assert_refused("suite = 'a'\npackages = ['--force']\n", "2:13", "packages");
+        // Regression (review): nothing a package entry holds reaches a shell or an option.
+        for bad in [
+            "x",
+            "nginx;id",
+            "$(id)",
+            "Nginx",
+            "a b",
+            "nginx=",
+            "nginx=-1",
+            "nginx/",
+            "nginx:",
+            "nginx:amd64=1:2/x",
+            "nginx`id`",
+            "nginx>2",
+        ] {
+            let text = format!("suite = 'a'\npackages = [{}]\n", toml_string(bad));
+            assert_refused(&text, "2:13", "packages");
+        }
+        for good in [
+            "nginx",
+            "libc6:amd64",
+            "g++",
+            "python3.11",
+            "nginx=1.22.1-9+deb12u1",
+            "openssl=1:3.0~rc1",
+            "nginx/bookworm-backports",
+            "libc6:i386/bookworm",
+        ] {
+            let text = format!("suite = 'a'\npackages = [{}]\n", toml_string(good));
+            parse_web(&text).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in ["-oDir=/x", "mirror", "", "http://a b", "ftp:/x", "://x"] {
+            let text = format!("suite = 'a'\nmirror = {}\n", toml_string(bad));
+            assert_refused(&text, "2:1", "mirror");
+        }
+        for good in [
+            "http://127.0.0.1:9/debian",
+            "file:///srv/mirror",
+            "/srv/mirror",
+        ] {
+            let text = format!("suite = 'a'\nmirror = {}\n", toml_string(good));
+            parse_web(&text).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
         assert_refused("suite = 'a'\nsteps = ['ok',\n  ' ']\n", "3:3", "steps");
     }
 
     #[test]
     fn template_from_excludes_the_base_keys() {
         let message = assert_refused(
-            "from = \"debian-bookworm-minbase\"\npackages = ['x']\nsuite = \"bookworm\"\n",
+            "from = \"debian-bookworm-minbase\"\npackages = ['xz-utils']\nsuite = \"bookworm\"\n",
             "3:1",
             "suite",
         );
@@ -1038,7 +1129,7 @@ mod tests {
             "mirror",
         );
         assert_refused("\nfrom = 'not a name'\n", "2:1", "from");
-        let template = parse_web("from = 'a'\npackages = ['x']\n").unwrap();
+        let template = parse_web("from = 'a'\npackages = ['xz-utils']\n").unwrap();
         assert_eq!(
             template.base,
             Base::From {
@@ -1287,7 +1378,10 @@ mod tests {
             NAME,
             prop::option::of(TEXT),
             base(),
-            prop::collection::vec("[a-z0-9][a-z0-9+.:=~-]{0,12}", 0..4),
+            prop::collection::vec(
+                "[a-z0-9][a-z0-9+.-]{1,12}(:[a-z0-9-]{1,6})?(=[0-9][a-z0-9.+~:-]{0,8}|/[a-z][a-z0-9-]{0,8})?",
+                0..4,
+            ),
             prop::collection::vec(STEP, 0..4),
             policy(),
             any::<(bool, bool)>(),
