@@ -20,6 +20,9 @@ use common::*;
 /// The programs a tarball template carries, so that steps and `exec` can run in it.
 const USERLAND: [&str; 4] = ["/bin/sh", "/bin/cat", "/bin/ls", "/bin/hostname"];
 
+/// The content of two separate files of the tarball template.
+const COPYRIGHT: &[u8] = b"Copyright: the authors\nLicense: GPL-2+\n";
+
 /// Writes `$ROOT/templates.d/NAME.toml`.
 fn define(root: &Path, name: &str, text: &str) -> PathBuf {
     let dir = root.join("templates.d");
@@ -38,7 +41,10 @@ fn tarball(s: &Scratch, files: usize) -> PathBuf {
         .file("etc/hosts", b"127.0.0.1 localhost\n")
         .file("etc/machine-id", b"")
         .dir("usr/sbin", 0o755)
-        .file("usr/sbin/daemon", &content("daemon", 20_000));
+        .file("usr/sbin/daemon", &content("daemon", 20_000))
+        // Two packages' identical files: one store object, two separate files.
+        .file("usr/share/doc/pkg-a/copyright", COPYRIGHT)
+        .file("usr/share/doc/pkg-b/copyright", COPYRIGHT);
     for i in 0..files {
         t.file(
             format!("usr/share/pkg{:02}/file{i:04}", i / 100),
@@ -165,7 +171,8 @@ fn tarball_and_derived_templates_build_and_share_with_each_other() {
     define(
         &root,
         "tiny-role",
-        "from = \"tiny\"\nsteps = [\"echo role > /etc/role\", \"cat /etc/role > /usr/share/role-marker\"]\n\
+        "from = \"tiny\"\nsteps = [\"echo role > /etc/role\", \"cat /etc/role > /usr/share/role-marker\", \
+         \"echo changed >> /usr/share/doc/pkg-a/copyright\"]\n\
          [policy]\nrules = [\"immutable /usr/sbin/**\"]\n",
     );
     let built = build_template(&root, "tiny-role");
@@ -176,6 +183,20 @@ fn tarball_and_derived_templates_build_and_share_with_each_other() {
     let tiny = root.join("templates/tiny/1/tree");
     let role = root.join("templates/tiny-role/1/tree");
     assert_eq!(fs::read(role.join("etc/role")).unwrap(), b"role\n");
+    // Regression (review): the parent's two copyright files are one store object, yet a step
+    // that changes one in place changes no other file, in the role or in its parent.
+    let (a, b) = (
+        "usr/share/doc/pkg-a/copyright",
+        "usr/share/doc/pkg-b/copyright",
+    );
+    assert_eq!(ino(&tiny.join(a)), ino(&tiny.join(b)), "one object");
+    assert_eq!(
+        fs::read(role.join(a)).unwrap(),
+        [COPYRIGHT, b"changed\n"].concat()
+    );
+    assert_eq!(fs::read(role.join(b)).unwrap(), COPYRIGHT);
+    assert_eq!(fs::read(tiny.join(a)).unwrap(), COPYRIGHT);
+    assert_eq!(fs::read(tiny.join(b)).unwrap(), COPYRIGHT);
     // The role template shares its parent's files through the store.
     let shared = "usr/share/pkg00/file0000";
     assert_eq!(ino(&tiny.join(shared)), ino(&role.join(shared)));

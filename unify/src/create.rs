@@ -247,7 +247,8 @@ pub fn rename_below_root(root: &HostRoot, from: &Path, to: &Path) -> Result<()> 
 /// Clones the tree `src` (relative to the root) into the empty directory `dest`: directories,
 /// symlinks and special files made anew with the same owner, mode, mtime and xattrs, hardlinks
 /// within the tree kept, regular files linked or copied as `mode` says; `dest` itself gets
-/// `src`'s metadata.
+/// `src`'s metadata. The paths of one store object are separate files that share content,
+/// not a hardlink group: in [`CloneMode::CopyAll`] each gets its own copy.
 ///
 /// # Algorithm
 /// Depth first, fd-relative on both sides (no symlink followed, no mount crossed). A regular
@@ -477,7 +478,16 @@ impl Cloner<'_> {
             let xattrs = fsx::xattrs_at(from.as_fd(), b".").at(&shown)?;
             return fsx::set_dir_metadata(to.as_fd(), &st, &xattrs).at(&dest_shown);
         }
+        // A store object's paths are separate files that merely share content (often of
+        // unrelated packages): each is linked to the object or copied on its own, never
+        // hardlinked to the others (a copy changed in place would change them all).
+        let object = if kind == libc::S_IFREG && st.nlink > 1 {
+            store::object_of_inode(self.root, &st)?
+        } else {
+            None
+        };
         if st.nlink > 1
+            && object.is_none()
             && let Some(first) = self.inodes.get(&st.ino)
         {
             // Another path of a hardlink group already cloned: link to it.
@@ -497,7 +507,7 @@ impl Cloner<'_> {
             return Ok(());
         }
         match kind {
-            libc::S_IFREG => self.file(src, dest, name, rel, &st)?,
+            libc::S_IFREG => self.file(src, dest, name, rel, &st, object.as_deref())?,
             libc::S_IFLNK => {
                 let target = nix::fcntl::readlinkat(src, OsStr::from_bytes(name)).at(&shown)?;
                 nix::unistd::symlinkat(target.as_os_str(), dest, OsStr::from_bytes(name))
@@ -517,13 +527,13 @@ impl Cloner<'_> {
                 self.metadata_at(src, dest, name, rel, &st, false)?;
             }
         }
-        if st.nlink > 1 {
+        if st.nlink > 1 && object.is_none() {
             self.inodes.insert(st.ino, rel.clone());
         }
         Ok(())
     }
 
-    /// Clones one regular file: a new link to its store object, or a copy.
+    /// Clones one regular file: a new link to its store object `object`, or a copy.
     fn file(
         &mut self,
         src: BorrowedFd<'_>,
@@ -531,14 +541,14 @@ impl Cloner<'_> {
         name: &[u8],
         rel: &[u8],
         st: &Stat,
+        object: Option<&str>,
     ) -> Result<()> {
         self.report.files += 1;
         let dest_shown = fsx::join(&self.dest_path, rel);
         if self.mode == CloneMode::LinkObjects
-            && st.nlink > 1
-            && let Some(object) = store::object_of_inode(self.root, st)?
+            && let Some(object) = object
         {
-            let rel_obj = store::object_rel(&object);
+            let rel_obj = store::object_rel(object);
             let link = || {
                 nix::unistd::linkat(
                     self.root.objects_fd(),
@@ -550,7 +560,7 @@ impl Cloner<'_> {
             };
             let linked = match link() {
                 Err(Errno::EPERM) => {
-                    store::unlock_object(self.root, &object)?;
+                    store::unlock_object(self.root, object)?;
                     link()
                 }
                 other => other,

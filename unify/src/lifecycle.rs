@@ -365,7 +365,7 @@ impl Drop for View {
 }
 
 /// GNU tar's options that keep every byte, owner, mode, nanosecond mtime, xattr and ACL, and
-/// hardlinks and holes.
+/// holes.
 const TAR_KEEP: [&str; 7] = [
     "--format=posix",
     "--pax-option=delete=atime,delete=ctime",
@@ -403,7 +403,9 @@ fn run(cmd: &mut Command, what: &Path) -> Result<()> {
 
 /// Writes guest `name`'s merged view — what it sees — to `dest`: a new directory, or with
 /// `tar` a POSIX tarball (`-`: standard output), with every byte, owner, mode, nanosecond
-/// mtime, xattr, ACL, hardlink and hole (GNU tar with [`TAR_KEEP`]).
+/// mtime, xattr, ACL and hole (GNU tar with [`TAR_KEEP`]). Hardlinks are not kept: the paths of
+/// one store object are separate files of the guest, so every path is written as its own
+/// file (unifying the copy on its new host shares them again).
 ///
 /// # Algorithm
 /// A mounted guest is read through its mount point. An unmounted one gets a read-only overlay
@@ -444,6 +446,9 @@ pub fn export(root: &HostRoot, name: &str, dest: &Path, as_tar: bool) -> Result<
         .args([
             "--create",
             "--one-file-system",
+            // Every path is stored as its own file: paths linked to one store object are
+            // separate files that share content, not a hardlink group to recreate.
+            "--hard-dereference",
             "--file",
             "-",
             "--directory",
