@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -458,4 +459,166 @@ fn a_killed_build_count_leaves_complete_guests_or_none() {
     }
     eprintln!("{landed} kills landed (seed {seed})");
     assert!(landed >= 6, "only {landed} kills landed while building");
+}
+
+/// The template trees the index holds rows of (`@template/NAME/VERSION`).
+fn indexed_templates(root: &Path) -> Vec<String> {
+    let db = rusqlite::Connection::open(root.join("index.db")).unwrap();
+    let mut stmt = db
+        .prepare("SELECT name FROM guests WHERE name LIKE '@template/%' ORDER BY name")
+        .unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// What `templates/NAME/` holds: its versions (numbers) and whether anything else is left.
+fn versions_and_leftovers(root: &Path, name: &str) -> (Vec<u32>, Vec<String>) {
+    let mut versions = Vec::new();
+    let mut left = Vec::new();
+    for e in fs::read_dir(root.join("templates").join(name)).unwrap() {
+        let entry = e.unwrap().file_name().to_string_lossy().into_owned();
+        match entry.parse() {
+            Ok(v) => versions.push(v),
+            Err(_) => left.push(entry),
+        }
+    }
+    versions.sort();
+    (versions, left)
+}
+
+#[test]
+fn a_killed_template_build_or_removal_leaves_whole_unified_versions_or_none() {
+    assert_root();
+    let seed = seed("COWHERD_TEMPLATE_KILL_SEED");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let s = Scratch::new("template-kill");
+    let root = init_root(s.path());
+    let archive = tarball(&s, 1_500);
+    define(
+        &root,
+        "tiny",
+        &format!("method = \"tarball\"\nsource = \"{}\"\n", archive.display()),
+    );
+    let t = Instant::now();
+    build_template(&root, "tiny");
+    let first_build = t.elapsed();
+    // The shorter of two uninterrupted builds (the other tests load the machine unevenly).
+    let t = Instant::now();
+    cowherd(&root)
+        .args(["template", "rebuild", "tiny"])
+        .assert()
+        .success();
+    let whole = t.elapsed().min(first_build);
+    let first = manifest(&root.join("templates/tiny/1/tree"));
+    // A version is whole (the tarball's content) and unified (its shareable files are store
+    // links).
+    let whole_and_unified = |v: u32| {
+        let tree = root.join(format!("templates/tiny/{v}/tree"));
+        let m = manifest(&tree);
+        let same = |m: &Manifest| -> Vec<_> {
+            m.iter()
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, e)| (k.clone(), e.blake3, e.mode))
+                .collect()
+        };
+        assert!(
+            same(&m) == same(&first),
+            "version {v} is not whole (seed {seed})"
+        );
+        // (Identity files such as /etc/hostname stay private by the default policy.)
+        for f in files_under(&tree.join("usr")) {
+            assert!(
+                fs::symlink_metadata(&f).unwrap().nlink() >= 2,
+                "{} of version {v} is not in the store (seed {seed})",
+                f.display()
+            );
+        }
+        assert!(
+            root.join(format!("templates/tiny/{v}/template.toml"))
+                .exists()
+        );
+    };
+    let mut landed = 0;
+    for _ in 0..10 {
+        let mut child = Command::new(cowherd_bin())
+            .arg("--root")
+            .arg(&root)
+            .args(["template", "rebuild", "tiny"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(
+            rng.random_range(0..whole.as_micros() as u64),
+        ));
+        if child.try_wait().unwrap().is_none() {
+            kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+            landed += 1;
+        }
+        child.wait().unwrap();
+        // The next writer removes what the killed one left, rows included.
+        cowherd(&root).args(["gc", "--dry-run"]).assert().success();
+        let (versions, left) = versions_and_leftovers(&root, "tiny");
+        assert_eq!(left, Vec::<String>::new(), "leftovers (seed {seed})");
+        for &v in &versions {
+            whole_and_unified(v);
+        }
+        let expected: Vec<String> = versions
+            .iter()
+            .map(|v| format!("@template/tiny/{v}"))
+            .collect();
+        assert_eq!(indexed_templates(&root), expected, "seed {seed}");
+    }
+    eprintln!("{landed} kills landed (seed {seed})");
+    assert!(landed >= 4, "only {landed} kills landed while building");
+
+    // A removal killed after its first step (the version renamed out of the versions) is
+    // finished by the next writer, rows and all.
+    let (versions, _) = versions_and_leftovers(&root, "tiny");
+    let doomed = *versions.last().unwrap();
+    fs::rename(
+        root.join(format!("templates/tiny/{doomed}")),
+        root.join(format!("templates/tiny/.removing.{doomed}")),
+    )
+    .unwrap();
+    let list = run_json(cowherd(&root).args(["template", "list", "--json"]));
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "tiny")
+        .unwrap()
+        .clone();
+    assert!(
+        !row["versions"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(doomed)),
+        "{row}"
+    );
+    cowherd(&root).args(["gc"]).assert().success();
+    let (after, left) = versions_and_leftovers(&root, "tiny");
+    assert_eq!(left, Vec::<String>::new());
+    assert_eq!(after, versions[..versions.len() - 1]);
+    assert!(
+        !indexed_templates(&root).contains(&format!("@template/tiny/{doomed}")),
+        "rows of a removed version stayed"
+    );
+
+    // What a killed bootstrapper left mounted in its tree (its /proc) is detached by the next
+    // writer, and the staging directory removed.
+    let proc = root.join("templates/tiny/.building/tree/proc");
+    let leaked = TmpfsMount::new(&proc);
+    fs::write(proc.join("self"), b"x").unwrap();
+    cowherd(&root).args(["gc", "--dry-run"]).assert().success();
+    assert!(!root.join("templates/tiny/.building").exists());
+    assert!(
+        !fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(proc.to_str().unwrap()),
+        "the leaked mount stayed"
+    );
+    std::mem::forget(leaked);
 }

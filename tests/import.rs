@@ -1064,18 +1064,8 @@ fn a_mounted_guest_is_not_resynced() {
 
     // Unmounted here, but a process of another mount namespace still holds a copy of the
     // overlay: its layers must not change under it either.
-    let child = KillOnDrop::spawn(
-        Command::new("unshare")
-            .args(["-m", "sleep", "30"])
-            .current_dir("/")
-            .stdin(Stdio::null()),
-    );
+    let child = other_mount_namespace();
     let pid = child.id();
-    let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
-    wait_for("unshare -m to exec sleep in a new mount namespace", || {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        comm.trim() == "sleep" && ns(&pid.to_string()) != ns("self")
-    });
     let rootfs = fx.root.guests_dir().join("web01/rootfs");
     nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH).expect("umount here");
     let err = import(&fx.root, "web01", &source, &opts).expect_err("held elsewhere");

@@ -608,18 +608,8 @@ fn umount_refuses_while_another_mount_namespace_holds_the_overlay() {
     h.unify_all();
     h.mount(&["a"]);
     let r = h.rootfs("a");
-    let child = KillOnDrop::spawn(
-        Command::new("unshare")
-            .args(["-m", "sleep", "30"])
-            .current_dir("/")
-            .stdin(Stdio::null()),
-    );
+    let child = other_mount_namespace();
     let pid = child.id();
-    let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
-    wait_for("unshare -m to exec sleep in a new mount namespace", || {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        comm.trim() == "sleep" && ns(&pid.to_string()) != ns("self")
-    });
 
     let out = cowherd(&h.root).args(["umount", "a"]).output().unwrap();
     let err = assert_one_line_error(&out, 1);

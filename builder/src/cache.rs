@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cowherd_unify::{
-    CloneMode, HostRoot, OriginKind, PolicyFile, Progress, TEMPLATE_STAGING, Tree, TreeSpec,
-    UnifyOptions,
+    CloneMode, HostRoot, OriginKind, PolicyFile, Progress, TEMPLATE_REMOVING, TEMPLATE_STAGING,
+    Tree, TreeSpec, UnifyOptions,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::exec::Exec;
+use crate::programs::{Leash, find_program};
 use crate::template::{Base, Bootstrapper, Template, TemplateSet};
 
 /// What `templates/NAME/VERSION/template.toml` records.
@@ -206,9 +207,10 @@ impl BuildOptions {
 /// then — inside the tree, in its own namespaces (`exec`) — `apt-get install` of the packages
 /// a non-bootstrapped base needs and each step. Then the tree is cleaned for reuse (apt lists
 /// and caches, logs, `/etc/machine-id` emptied, ssh host keys and random seeds removed),
-/// renamed to `templates/NAME/VERSION`, and unified into the store under the template's
-/// policy, so its shareable files are store objects that guests built from it link to. A
-/// killed build leaves only the staging directory, which the next writer removes.
+/// unified into the store under the template's policy (so its shareable files are store
+/// objects that guests built from it link to) and only then renamed to
+/// `templates/NAME/VERSION`. A killed build leaves only the staging directory, which the next
+/// writer removes with the index rows of its unification.
 ///
 /// # Errors
 /// Template errors (unknown name, cycle), [`Error::MissingProgram`] without a bootstrapper,
@@ -250,54 +252,75 @@ pub fn build_template(
     };
     if installs {
         // The names are arguments of the script, never parsed by the shell.
-        run_step(tree.path(), name, INSTALL_SCRIPT, &template.packages)?;
+        run_step(tree.path(), name, INSTALL_SCRIPT, &template.packages, opts)?;
     }
     for step in &template.steps {
-        run_step(tree.path(), name, step, &[])?;
+        run_step(tree.path(), name, step, &[], opts)?;
     }
     clean_for_reuse(root, &tree)?;
     let version = versions(root, name)?
         .last()
         .map_or(1, |b| b.record.version + 1);
     let (files, bytes) = tree_size(tree.path());
-    let record = BuiltRecord {
-        name: name.to_string(),
-        version,
-        built_unix: now_unix(),
-        made_by,
-        packages: template.packages.clone(),
-        steps: template.steps.clone(),
-        from: parent.as_ref().map(Built::label),
-        source_date_epoch: opts.epoch(),
-        files,
-        bytes,
+    let built = Built {
+        record: BuiltRecord {
+            name: name.to_string(),
+            version,
+            built_unix: now_unix(),
+            made_by,
+            packages: template.packages.clone(),
+            steps: template.steps.clone(),
+            from: parent.as_ref().map(Built::label),
+            source_date_epoch: opts.epoch(),
+            files,
+            bytes,
+        },
     };
-    let text = toml::to_string(&record).expect("a build record serializes");
+    // Unified while still staged, under the version's index name (the index holds paths
+    // relative to the tree, so they hold after the rename): only a fully unified tree is
+    // ever a version.
+    let index_name = built.index_name();
+    let unified = unify_staged(root, set, name, &index_name, &tree_rel, progress);
+    if let Err(e) = unified {
+        let _ = cowherd_unify::forget_tree(root, &index_name);
+        return Err(e);
+    }
+    let text = toml::to_string(&built.record).expect("a build record serializes");
     let record_path = root.path().join(&staging).join("template.toml");
     std::fs::write(&record_path, text).map_err(io(&record_path))?;
-    let final_rel = version_rel(name, version);
-    cowherd_unify::rename_below_root(root, &staging, &final_rel)?;
-    let built = Built { record };
+    cowherd_unify::rename_below_root(root, &staging, &version_rel(name, version))?;
+    Ok(built)
+}
+
+/// Unifies the staged tree of a template build into the store under the template's policy:
+/// every shareable file becomes an object, for the guests built from it to share.
+fn unify_staged(
+    root: &HostRoot,
+    set: &TemplateSet,
+    name: &str,
+    index_name: &str,
+    tree_rel: &Path,
+    progress: &dyn Progress,
+) -> Result<(), Error> {
     let policy = template_policy(set, name)?;
     let spec = TreeSpec {
-        index_name: &built.index_name(),
-        rel: &built.tree_rel(),
+        index_name,
+        rel: tree_rel,
         policy: policy.as_ref(),
     };
-    // Every shareable file becomes an object: the guests built from it will share them.
     let opts = UnifyOptions {
         every_file: true,
         ..UnifyOptions::default()
     };
     let report = cowherd_unify::unify_tree(root, &spec, &opts, progress)?;
-    if let Some(f) = report.failures.first() {
-        return Err(Error::Step {
+    match report.failures.first() {
+        Some(f) => Err(Error::Step {
             template: name.to_string(),
             step: "unify the tree into the store".into(),
             message: f.to_string(),
-        });
+        }),
+        None => Ok(()),
     }
-    Ok(built)
 }
 
 /// Makes the base tree at `tree_rel` (which must not exist); returns how.
@@ -319,8 +342,8 @@ fn make_base(
         } => {
             let staging = tree_rel.parent().unwrap_or(tree_rel);
             Tree::create(root, staging)?;
-            let tool = bootstrapper(*method)?;
-            let mut cmd = Command::new(tool);
+            let (tool, path) = bootstrapper(*method)?;
+            let mut cmd = leash()?.command(&path);
             cmd.arg(format!("--variant={variant}"));
             if let Some(arch) = arch {
                 cmd.arg(format!("--arch={arch}"));
@@ -340,7 +363,11 @@ fn make_base(
         }
         Base::Tarball { source } => {
             let tree = Tree::create(root, tree_rel)?;
-            let mut cmd = Command::new("tar");
+            let tar = find_program("tar").ok_or(Error::MissingProgram {
+                program: "tar",
+                package: "tar",
+            })?;
+            let mut cmd = leash()?.command(&tar);
             cmd.args([
                 "--extract",
                 "--numeric-owner",
@@ -369,25 +396,38 @@ fn make_base(
     }
 }
 
-/// The bootstrapper to run: mmdebstrap, or debootstrap when asked for or when mmdebstrap is
-/// not installed.
-fn bootstrapper(method: Bootstrapper) -> Result<&'static str, Error> {
-    let installed = |p: &str| {
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-            .any(|dir| dir.join(p).is_file())
+/// The bootstrapper to run, and where it is: mmdebstrap, or debootstrap when asked for or when
+/// mmdebstrap is not installed.
+fn bootstrapper(method: Bootstrapper) -> Result<(&'static str, PathBuf), Error> {
+    let mmdebstrap = match method {
+        Bootstrapper::Mmdebstrap => find_program("mmdebstrap"),
+        Bootstrapper::Debootstrap => None,
     };
-    match method {
-        Bootstrapper::Mmdebstrap if installed("mmdebstrap") => Ok("mmdebstrap"),
-        _ if installed("debootstrap") => Ok("debootstrap"),
-        Bootstrapper::Mmdebstrap => Err(Error::MissingProgram {
+    if let Some(path) = mmdebstrap {
+        return Ok(("mmdebstrap", path));
+    }
+    if let Some(path) = find_program("debootstrap") {
+        return Ok(("debootstrap", path));
+    }
+    Err(match method {
+        Bootstrapper::Mmdebstrap => Error::MissingProgram {
             program: "mmdebstrap",
             package: "mmdebstrap (or debootstrap)",
-        }),
-        Bootstrapper::Debootstrap => Err(Error::MissingProgram {
+        },
+        Bootstrapper::Debootstrap => Error::MissingProgram {
             program: "debootstrap",
             package: "debootstrap",
-        }),
-    }
+        },
+    })
+}
+
+/// The [`Leash`] a build tool runs on: killed with the build, its mounts in a namespace of
+/// its own.
+fn leash() -> Result<Leash, Error> {
+    Leash::find().map_err(|program| Error::MissingProgram {
+        program,
+        package: "util-linux",
+    })
 }
 
 /// Runs a build tool; a failure is an error naming the template and the tool.
@@ -418,13 +458,23 @@ const INSTALL_SCRIPT: &str = "apt-get update -qq && DEBIAN_FRONTEND=noninteracti
      install -y -qq --no-install-recommends -- \"$@\" >/dev/null && apt-get clean";
 
 /// Runs one step of template `template` inside its tree, in its own namespaces: `sh -c step`
-/// with `args` as `$1…`.
-fn run_step(tree: &Path, template: &str, step: &str, args: &[String]) -> Result<(), Error> {
+/// with `args` as `$1…` (and the build's `SOURCE_DATE_EPOCH`, if any).
+fn run_step(
+    tree: &Path,
+    template: &str,
+    step: &str,
+    args: &[String],
+    opts: &BuildOptions,
+) -> Result<(), Error> {
     let argv = ["sh", "-c", step, "sh"]
         .into_iter()
         .map(String::from)
         .chain(args.iter().cloned());
-    let out = Exec::new(tree, "template", argv).capture(true).run()?;
+    let mut exec = Exec::new(tree, "template", argv).capture(true);
+    if let Some(epoch) = opts.epoch() {
+        exec = exec.env("SOURCE_DATE_EPOCH", epoch.to_string());
+    }
+    let out = exec.run()?;
     if out.code == 0 {
         Ok(())
     } else {
@@ -463,7 +513,8 @@ fn clean_for_reuse(root: &HostRoot, tree: &Tree) -> Result<(), Error> {
     if tree.is_file("var/lib/dbus/machine-id") {
         tree.remove(root, "var/lib/dbus/machine-id")?;
     }
-    for key in tree.names("etc/ssh") {
+    // A symlinked /etc/ssh is an error, not skipped: its host keys would go to every guest.
+    for key in tree.names("etc/ssh")? {
         if key.starts_with("ssh_host_") {
             tree.remove(root, &format!("etc/ssh/{key}"))?;
         }
@@ -533,8 +584,15 @@ pub fn remove_template(
         }
     }
     for built in &doomed {
+        // Out of the versions first (one rename), then its rows and its files: a removal
+        // killed halfway never leaves a half-removed version; the next writer finishes it.
+        let version = built.record.version;
+        let doomed_rel = Path::new("templates")
+            .join(name)
+            .join(format!("{TEMPLATE_REMOVING}{version}"));
+        cowherd_unify::rename_below_root(root, &version_rel(name, version), &doomed_rel)?;
         cowherd_unify::forget_tree(root, &built.index_name())?;
-        cowherd_unify::remove_below_root(root, &version_rel(name, built.record.version))?;
+        cowherd_unify::remove_below_root(root, &doomed_rel)?;
     }
     Ok(doomed)
 }

@@ -32,6 +32,8 @@ pub struct Exec {
     hostname: String,
     argv: Vec<OsString>,
     capture: bool,
+    /// Variables set besides the fixed ones.
+    env: Vec<(String, OsString)>,
 }
 
 /// How a command ended, and what it printed if its output was captured.
@@ -59,7 +61,16 @@ impl Exec {
             hostname: hostname.into(),
             argv: argv.into_iter().map(Into::into).collect(),
             capture: false,
+            env: Vec::new(),
         }
+    }
+
+    /// Sets the variable `name` to `value` in the command's environment (a template build's
+    /// `SOURCE_DATE_EPOCH`, say).
+    #[must_use]
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<OsString>) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
     }
 
     /// Whether to capture standard output and error into [`ExecOutput`] instead of
@@ -75,7 +86,8 @@ impl Exec {
     /// The command runs chrooted into the root directory, in `/`, as PID 1 of a new PID
     /// namespace with that namespace's proc mounted on `/proc`, with the hostname set in a new
     /// UTS namespace, and in a new IPC namespace. Its environment holds only `PATH`,
-    /// `HOME=/root`, and `TERM`, `LANG`, `LC_ALL` when the caller has them. It is killed if
+    /// `HOME=/root`, `TERM`, `LANG`, `LC_ALL` when the caller has them, and what
+    /// [`env`](Self::env) set. It is killed if
     /// the caller dies first.
     ///
     /// # Errors
@@ -154,6 +166,7 @@ impl Exec {
         };
         let output = launcher
             .command(root, &self.argv, self.capture)
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .spawn()
             .and_then(std::process::Child::wait_with_output)
             .map_err(io_error)?;

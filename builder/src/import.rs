@@ -17,9 +17,10 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::str::FromStr;
 
+use crate::programs::{Leash, STANDARD_PATH, find_program};
 use cowherd_unify::{
     HostRoot, NewGuest, Origin, OriginKind, ensure_offline, guest_record, parse_mountinfo,
     remove_below_root, validate_guest_name,
@@ -60,9 +61,6 @@ const VOLATILE_DIRS: [&str; 8] = [
 
 /// Kernel and runtime filesystems that `--include-mount` may not name.
 const PSEUDO_DIRS: [&str; 4] = ["/proc", "/sys", "/dev", "/run"];
-
-/// Where programs are looked for besides `$PATH`.
-const STANDARD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// rsync's exit code for "some files vanished before they could be transferred": normal on a
 /// running machine, not an error.
@@ -827,6 +825,8 @@ fn resync(
         Mode::empty(),
     )
     .at(&guest_dir)?;
+    // The new base on disk before it becomes the base (a power loss leaves the old one).
+    nix::unistd::syncfs(&dir).at(&scratch)?;
     nix::fcntl::renameat2(&dir, RESYNC_DIR, &dir, "base", RenameFlags::RENAME_EXCHANGE)
         .at(&base)?;
     if let Err(e) = remove_below_root(root, &scratch_rel) {
@@ -918,9 +918,8 @@ fn included_mounts(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ImportError> {
 
 /// The programs an import runs, found before anything is made.
 struct Tools {
-    /// util-linux's `setpriv` and `unshare`: the copying program dies with its caller.
-    setpriv: PathBuf,
-    unshare: PathBuf,
+    /// The copying program dies with its caller.
+    leash: Leash,
     /// rsync or tar.
     copier: PathBuf,
     /// The remote shell's argv, to list an ssh source's mounts.
@@ -935,8 +934,10 @@ impl Tools {
                 package,
             })
         };
-        let setpriv = need("setpriv", "util-linux")?;
-        let unshare = need("unshare", "util-linux")?;
+        let leash = Leash::find().map_err(|program| ImportError::MissingProgram {
+            program: program.to_string(),
+            package: "util-linux",
+        })?;
         let copier = if source.is_rsync() {
             need("rsync", "rsync")?
         } else {
@@ -953,42 +954,18 @@ impl Tools {
             }
             _ => None,
         };
-        Ok(Tools {
-            setpriv,
-            unshare,
-            copier,
-            rsh,
-        })
+        Ok(Tools { leash, copier, rsh })
     }
 
-    /// `setpriv --pdeathsig KILL -- unshare --pid --kill-child -- PROGRAM ARGS…` in the C
-    /// locale, stdin closed, output captured: the program runs as PID 1 of a new PID
-    /// namespace, killed when `unshare` dies, which is killed when the calling thread dies; so
-    /// the program and every process it forks (rsync's receiver and generator, ssh) die with
-    /// the caller, even by SIGKILL, and stop writing into the staging directory.
+    /// `program` with `args` on the [`Leash`] (it and all it forks die with the caller),
+    /// stdin closed, output captured.
     fn run(&self, program: &Path, args: &[OsString]) -> std::io::Result<Output> {
-        Command::new(&self.setpriv)
-            .args(["--pdeathsig", "KILL", "--"])
-            .arg(&self.unshare)
-            .args(["--pid", "--kill-child", "--"])
-            .arg(program)
+        self.leash
+            .command(program)
             .args(args)
-            .env("LC_ALL", "C")
             .stdin(Stdio::null())
             .output()
     }
-}
-
-/// The executable `program` in `$PATH` or [`STANDARD_PATH`].
-fn find_program(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(std::env::split_paths(STANDARD_PATH))
-        .map(|dir| dir.join(program))
-        .find(|candidate| {
-            std::fs::metadata(candidate)
-                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-        })
 }
 
 /// Splits a remote-shell command into words as rsync does: on whitespace, with single and
@@ -1406,11 +1383,10 @@ fn machine_hostname(tree: &Beneath) -> Option<String> {
         .lines()
         .map(str::trim)
         .find(|line| !line.is_empty() && !line.starts_with('#'))?;
-    let valid = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    valid.then(|| name.to_string())
+    // The same rule as a guest built with --hostname.
+    crate::identity::validate_hostname(name)
+        .ok()
+        .map(|()| name.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1498,6 +1474,19 @@ impl Fixer<'_> {
     fn read(&mut self, rel: &str) -> Result<Option<Vec<u8>>, ImportError> {
         let read = self.tree.read(Path::new(rel));
         Ok(self.guard(rel, read)?.flatten())
+    }
+
+    /// The stat and contents of the regular file `rel`: `None` if it is missing, or (with a
+    /// warning) if it is anything but a regular file, which a fixup leaves alone.
+    fn regular(&mut self, rel: &str) -> Result<Option<(FileStat, Vec<u8>)>, ImportError> {
+        let Some(st) = self.lstat(rel)? else {
+            return Ok(None);
+        };
+        if kind(&st) != SFlag::S_IFREG {
+            self.not_regular(rel)?;
+            return Ok(None);
+        }
+        Ok(self.read(rel)?.map(|old| (st, old)))
     }
 
     /// Warns that `rel` is not a regular file, which a fixup leaves alone.
@@ -1599,13 +1588,7 @@ impl Fixer<'_> {
 
     fn inittab(&mut self) -> Result<(), ImportError> {
         let rel = "etc/inittab";
-        let Some(st) = self.lstat(rel)? else {
-            return Ok(());
-        };
-        if kind(&st) != SFlag::S_IFREG {
-            return self.not_regular(rel);
-        }
-        let Some(old) = self.read(rel)? else {
+        let Some((st, old)) = self.regular(rel)? else {
             return Ok(());
         };
         let (new, commented) = comment_tty_gettys(&String::from_utf8_lossy(&old));
@@ -1625,13 +1608,7 @@ impl Fixer<'_> {
 
     fn interfaces(&mut self) -> Result<(), ImportError> {
         let rel = "etc/network/interfaces";
-        let Some(st) = self.lstat(rel)? else {
-            return Ok(());
-        };
-        if kind(&st) != SFlag::S_IFREG {
-            return self.not_regular(rel);
-        }
-        let Some(old) = self.read(rel)? else {
+        let Some((st, old)) = self.regular(rel)? else {
             return Ok(());
         };
         if old == GUEST_INTERFACES.as_bytes() {

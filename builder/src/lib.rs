@@ -10,6 +10,7 @@ mod error;
 mod exec;
 mod identity;
 mod import;
+mod programs;
 mod template;
 
 pub use build::{GuestBuild, build_guest, numbered_names};

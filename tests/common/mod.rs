@@ -1602,3 +1602,21 @@ pub fn umount_ok(root: &Path, names: &[&str]) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A `sleep` in a new mount namespace (`unshare -m`), holding a copy of every mount of this
+/// moment until it is dropped; returned once it runs there.
+pub fn other_mount_namespace() -> KillOnDrop {
+    let child = KillOnDrop::spawn(
+        std::process::Command::new("unshare")
+            .args(["-m", "sleep", "30"])
+            .current_dir("/")
+            .stdin(std::process::Stdio::null()),
+    );
+    let pid = child.id().to_string();
+    let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    wait_for("unshare -m to exec sleep in a new mount namespace", || {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        comm.trim() == "sleep" && ns(&pid) != ns("self")
+    });
+    child
+}

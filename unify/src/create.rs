@@ -131,7 +131,8 @@ impl Tree {
         let (parent, name) = fsx::split_parent(rel.as_bytes());
         match fsx::open_dir_beneath(self.fd.as_fd(), &self.path, parent) {
             Ok(dir) => store::remove_guest_tree(root, dir.as_fd(), &self.path.join(rel), name),
-            Err(_) => Ok(()),
+            Err(e) if not_there(&e, true) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -141,8 +142,10 @@ impl Tree {
     /// # Errors
     /// I/O errors naming the path.
     pub fn remove_files_below(&self, rel: &str) -> Result<u64> {
-        let Ok(dir) = fsx::open_dir_beneath(self.fd.as_fd(), &self.path, rel.as_bytes()) else {
-            return Ok(0);
+        let dir = match fsx::open_dir_beneath(self.fd.as_fd(), &self.path, rel.as_bytes()) {
+            Ok(dir) => dir,
+            Err(e) if not_there(&e, true) => return Ok(0),
+            Err(e) => return Err(e),
         };
         let mut files = Vec::new();
         let _ = fsx::walk_tree(dir.as_fd(), &mut |visit| {
@@ -168,14 +171,21 @@ impl Tree {
     }
 
     /// The names in the directory `rel` (none if it is not there).
-    pub fn names(&self, rel: &str) -> Vec<String> {
-        fsx::open_dir_beneath(self.fd.as_fd(), &self.path, rel.as_bytes())
-            .ok()
-            .and_then(|dir| fsx::read_names(dir.as_fd()).ok())
-            .unwrap_or_default()
+    ///
+    /// # Errors
+    /// [`Error::Symlink`] if `rel` (or a directory on the way) is a symlink: what the caller
+    /// looks for would be elsewhere, unseen. I/O errors naming the path.
+    pub fn names(&self, rel: &str) -> Result<Vec<String>> {
+        let dir = match fsx::open_dir_beneath(self.fd.as_fd(), &self.path, rel.as_bytes()) {
+            Ok(dir) => dir,
+            Err(e) if not_there(&e, false) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let names = fsx::read_names(dir.as_fd()).at(self.path.join(rel))?;
+        Ok(names
             .into_iter()
             .map(|n| String::from_utf8_lossy(&n).into_owned())
-            .collect()
+            .collect())
     }
 
     /// Whether `rel` is a regular file (not a symlink).
@@ -190,6 +200,34 @@ impl Tree {
     /// Whether `rel` exists, as anything but a symlink on the way to it.
     pub fn exists(&self, rel: &str) -> bool {
         fsx::open_beneath(self.fd.as_fd(), rel.as_bytes(), OFlag::O_PATH).is_ok()
+    }
+}
+
+/// Detaches, deepest first, every mount of this namespace at or below `dir`: what a killed
+/// bootstrapper left mounted in its tree (its `/proc`, `/dev`), which would keep the tree from
+/// being removed.
+fn detach_mounts_below(dir: &Path) {
+    let Ok(mounts) = crate::mountinfo::read_mountinfo(Path::new("/proc/self/mountinfo")) else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = mounts
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    for point in points {
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Whether opening a directory of a tree failed because there is none: missing, not a
+/// directory, or (if `symlink_too`) a symlink, never followed, so nothing of the tree is there.
+fn not_there(e: &Error, symlink_too: bool) -> bool {
+    match e {
+        Error::NotADirectory { .. } => true,
+        Error::Symlink { .. } => symlink_too,
+        _ => e.errno() == Some(libc::ENOENT),
     }
 }
 
@@ -213,27 +251,64 @@ pub fn remove_below_root(root: &HostRoot, rel: &Path) -> Result<()> {
 /// The staging directory of a template build in progress, below `templates/NAME/`.
 pub const TEMPLATE_STAGING: &str = ".building";
 
-/// Removes the staging directories of template builds a killed run left
-/// (`templates/*/.building`), as far as it can (see `guest::recover_destroys`).
+/// The prefix of a template version being removed, below `templates/NAME/` (`.removing.3`).
+pub const TEMPLATE_REMOVING: &str = ".removing.";
+
+/// Finishes what killed template builds and removals left: removes their directories
+/// (`templates/*/.building`, `templates/*/.removing.*`) as far as it can (see
+/// `guest::recover_destroys`), then drops the index rows of template trees (`@template/N/V`)
+/// whose version directory is gone.
 pub(crate) fn recover_template_builds(root: &HostRoot) -> Result<()> {
     let dir = root.path().join("templates");
     for entry in std::fs::read_dir(&dir).at(&dir)? {
-        let name = entry.at(&dir)?.file_name();
-        let staging = Path::new("templates").join(&name).join(TEMPLATE_STAGING);
-        if std::fs::symlink_metadata(root.path().join(&staging)).is_ok() {
-            let _ = remove_below_root(root, &staging);
+        let template = entry.at(&dir)?.file_name();
+        let tdir = dir.join(&template);
+        let Ok(entries) = std::fs::read_dir(&tdir) else {
+            continue;
+        };
+        for inner in entries.flatten() {
+            let name = inner.file_name();
+            let name = name.to_string_lossy();
+            if name == TEMPLATE_STAGING || name.starts_with(TEMPLATE_REMOVING) {
+                let rel = Path::new("templates")
+                    .join(&template)
+                    .join(inner.file_name());
+                detach_mounts_below(&root.path().join(&rel));
+                let _ = remove_below_root(root, &rel);
+            }
+        }
+    }
+    let names: Vec<String> = {
+        let mut stmt = root
+            .index
+            .conn
+            .prepare("SELECT name FROM guests WHERE name LIKE '@template/%'")
+            .map_err(|e| root.index.err(e))?;
+        stmt.query_map([], |r| r.get(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<_>>())
+            .map_err(|e| root.index.err(e))?
+    };
+    for name in names {
+        let rel = name.trim_start_matches("@template/");
+        let gone =
+            rel.contains("..") || std::fs::symlink_metadata(dir.join(rel).join("tree")).is_err();
+        if gone {
+            crate::unify::forget_tree(root, &name)?;
         }
     }
     Ok(())
 }
 
-/// Renames `from` to `to`, both below the root, refusing to replace anything at `to`.
+/// Renames `from` to `to`, both below the root, refusing to replace anything at `to`, after
+/// flushing the filesystem (`syncfs`).
 ///
 /// # Errors
 /// [`Error::Io`] (`EEXIST` if `to` exists).
 pub fn rename_below_root(root: &HostRoot, from: &Path, to: &Path) -> Result<()> {
     let dir_of = |p: &Path| root.open_dir_below(p.parent().unwrap_or(Path::new("")));
     let (from_dir, to_dir) = (dir_of(from)?, dir_of(to)?);
+    // What is renamed into place (a template version) is on disk first.
+    nix::unistd::syncfs(&from_dir).at(root.path().join(from))?;
     nix::fcntl::renameat2(
         &from_dir,
         from.file_name().unwrap_or_default(),
@@ -396,6 +471,9 @@ impl NewGuest {
         fsx::set_dir_metadata(upper.as_fd(), &st, &xattrs).at(self.staging.join("upper"))?;
         self.record.save(&self.staging.join("guest.toml"))?;
         store::remove_guest_tree(root, self.dir.as_fd(), &self.staging, b"tmp")?;
+        // Every byte of the tree on disk before its name says it is complete: a power loss
+        // leaves a whole guest or a staging directory, never a guest of empty files.
+        nix::unistd::syncfs(root.guests_fd()).at(&self.staging)?;
         let name = self.record.name.clone();
         let staged = self.staging.file_name().unwrap_or_default().to_os_string();
         nix::fcntl::renameat2(

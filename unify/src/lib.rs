@@ -31,8 +31,8 @@ mod sys;
 mod unify;
 
 pub use create::{
-    CloneMode, CloneReport, NewGuest, TEMPLATE_STAGING, Tree, clone_tree, remove_below_root,
-    rename_below_root,
+    CloneMode, CloneReport, NewGuest, TEMPLATE_REMOVING, TEMPLATE_STAGING, Tree, clone_tree,
+    remove_below_root, rename_below_root,
 };
 pub use error::{Error, Result};
 pub use fold::{FoldAction, FoldEntry, FoldOptions, FoldReport, fold};

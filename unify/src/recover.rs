@@ -17,8 +17,9 @@ use crate::store::{self, TEMP_PREFIX};
 ///
 /// # Algorithm
 /// * `guests/.NAME.adopting` with a `base` is renamed to `guests/NAME`, without one removed;
-///   `guests/.NAME.destroying`, `guests/.NAME.creating` and `templates/*/.building` are
-///   removed; the `chattr` flags a fold journalled are set.
+///   `guests/.NAME.destroying`, `guests/.NAME.creating`, `templates/*/.building` and
+///   `templates/*/.removing.*` are removed, with the index rows of template trees that are
+///   gone; the `chattr` flags a fold journalled are set.
 /// * Each journalled directory is listed; every `.cowherd~…` entry whose inode is a store
 ///   object's (per the index, confirmed on the object itself) is unlinked — it is a second name
 ///   of a store object, never guest data. Object rows are committed before any replacement;

@@ -11,7 +11,8 @@
 //! ├── templates/<name>/
 //! │   ├── <version>/           a built template (1, 2, …): tree/ (unified into the store)
 //! │   │                        and template.toml (what was built, from what, when)
-//! │   └── .building/           a build in progress; removed by the next writer
+//! │   ├── .building/           a build in progress; removed by the next writer
+//! │   └── .removing.<version>/ a version being removed; removed by the next writer
 //! └── guests/<name>/
 //!     ├── guest.toml           the guest's record
 //!     ├── base/                lower layer: the guest's tree
