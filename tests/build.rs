@@ -229,6 +229,25 @@ fn tarball_and_derived_templates_build_and_share_with_each_other() {
         ino(&tiny.join(shared))
     );
 
+    // A lost index is rebuilt with the template trees: the same stats, the trees indexed.
+    let stats = |root: &Path| {
+        let mut v = run_json(cowherd(root).args(["stats", "--json"]));
+        v["total"].as_object_mut().unwrap().remove("index_bytes");
+        for g in v["guests"].as_array_mut().unwrap() {
+            g.as_object_mut().unwrap().remove("last_unify");
+        }
+        v
+    };
+    let before = stats(&root);
+    let trees = indexed_templates(&root);
+    for f in ["index.db", "index.db-wal", "index.db-shm"] {
+        let _ = fs::remove_file(root.join(f));
+    }
+    let rebuilt = run_json(cowherd(&root).args(["index", "rebuild", "--json"]));
+    assert_eq!(rebuilt["template_trees"], 2, "{rebuilt}");
+    assert_eq!(stats(&root), before);
+    assert_eq!(indexed_templates(&root), trees);
+
     // A rebuild is a new version; the guest keeps its own; remove refuses it while used.
     let rebuilt = run_json(cowherd(&root).args(["template", "rebuild", "tiny-role", "--json"]));
     assert_eq!(rebuilt["record"]["version"], 2);

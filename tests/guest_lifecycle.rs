@@ -434,7 +434,13 @@ fn destroy_keeps_the_flag_of_a_shared_immutable_object_when_the_index_was_lost()
     for f in ["index.db", "index.db-wal", "index.db-shm"] {
         let _ = fs::remove_file(root.join(f));
     }
-    cowherd(&root).arg("init").assert().success();
+    // Without its index a root refuses to work (it would not know the store's links); the
+    // rebuilt index knows them again.
+    let out = cowherd(&root).args(["destroy", "g1"]).output().unwrap();
+    let err = assert_one_line_error(&out, 1);
+    assert!(err.contains("index rebuild"), "{err}");
+    assert!(root.join("guests/g1").exists());
+    cowherd(&root).args(["index", "rebuild"]).assert().success();
     cowherd(&root).args(["destroy", "g1"]).assert().success();
     assert!(
         is_immutable(&daemon.path),

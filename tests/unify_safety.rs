@@ -585,12 +585,17 @@ fn a_store_on_another_filesystem_is_refused_by_every_command() {
 }
 
 #[test]
-fn verify_reports_an_object_edited_in_place_and_stale_entries() {
+fn verify_reports_an_object_edited_in_place_and_stale_entries_and_repair_fixes_them() {
     assert_root();
     let s = Scratch::new("verify");
     let root = init_root(s.path());
     adopt_built(&root, s.path(), "g1", dup_guest);
     adopt_built(&root, s.path(), "g2", dup_guest);
+    fs::write(
+        root.join("policy.toml"),
+        "rules = [\"immutable /usr/lib/**\"]\n",
+    )
+    .unwrap();
     cowherd(&root).args(["unify", "--all"]).assert().success();
     cowherd(&root).arg("verify").assert().success();
 
@@ -598,12 +603,13 @@ fn verify_reports_an_object_edited_in_place_and_stale_entries() {
     let objects = store_objects(&root);
     let victim = objects
         .iter()
-        .find(|o| o.nlink > 2)
+        .filter(|o| o.nlink > 2 && o.marker == 'c')
+        .max_by_key(|o| fs::metadata(&o.path).unwrap().len())
         .expect("a shared object");
     let len = fs::metadata(&victim.path).unwrap().len() as usize;
     overwrite_keep_mtime(&victim.path, &content("tampered", len));
-    // A guest file changed since the last unify is a stale entry.
-    overwrite_keep_mtime(&base(&root, "g1").join("etc/hostname"), b"other\n");
+    // A guest file replaced since the last unify (as an editor does) is a stale entry.
+    rewrite_as_new_inode(&base(&root, "g1").join("etc/hostname"));
 
     let out = cowherd(&root).args(["verify", "--json"]).output().unwrap();
     assert_eq!(
@@ -621,4 +627,112 @@ fn verify_reports_an_object_edited_in_place_and_stale_entries() {
         text.contains("/etc/hostname"),
         "verify must list the stale entry: {text}"
     );
+    // Regression (issue 11): every problem verify reports names a command that repairs it,
+    // and that command does.
+    for p in v["corrupt"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(v["stale"].as_array().unwrap())
+    {
+        assert!(
+            p["problem"].as_str().unwrap().contains("verify --repair"),
+            "{p}"
+        );
+    }
+    // More faults: an immutable object without its flag, a stray file in the store.
+    let immutable = store_objects(&root)
+        .into_iter()
+        .find(|o| o.marker == 'i')
+        .expect("an immutable object (the policy marks /usr/lib immutable)");
+    clear_immutable(&immutable.path);
+    fs::write(root.join("store/objects/stray"), b"not mine").unwrap();
+    let guests_before = manifest(&root.join("guests"));
+
+    let repaired = run_json(cowherd(&root).args(["verify", "--repair", "--json"]));
+    let text = repaired.to_string();
+    assert_eq!(repaired["corrupt"], serde_json::json!([]), "{text}");
+    assert_eq!(repaired["repaired"].as_array().unwrap().len(), 4, "{text}");
+    assert!(is_immutable(&immutable.path), "the flag is set again");
+    assert_eq!(
+        fs::read(root.join("store/lost+found/stray")).unwrap(),
+        b"not mine"
+    );
+    // The tampered object is filed under the key of what it holds; the guests still see it.
+    assert!(!victim.path.exists());
+    let refiled = store_inodes(&root)[&victim.dev_ino].clone();
+    assert_ne!(refiled.key, victim.key);
+    assert_same_content_and_metadata(&guests_before, &manifest(&root.join("guests")));
+    // Nothing is left to repair, and the index is fresh again.
+    let again = run_json(cowherd(&root).args(["verify", "--json"]));
+    assert_eq!(again["corrupt"], serde_json::json!([]), "{again}");
+    assert_eq!(again["stale"], serde_json::json!([]), "{again}");
+}
+
+/// `stats --json` without what a rebuilt index cannot know: its own size, and when each guest
+/// was last unified.
+fn comparable_stats(root: &Path) -> serde_json::Value {
+    let mut v = run_json(cowherd(root).args(["stats", "--json"]));
+    v["total"]
+        .as_object_mut()
+        .unwrap()
+        .remove("index_bytes")
+        .expect("stats reports the index size");
+    for g in v["guests"].as_array_mut().unwrap() {
+        g.as_object_mut().unwrap().remove("last_unify");
+    }
+    v
+}
+
+/// Regression (issue 11): after `index.db` was lost, `init` + `unify` found the guests again
+/// but not their links to the store: `stats` showed 0 objects. Now every command says to
+/// rebuild it, and the rebuilt index gives the same `stats` and `verify` as before.
+#[test]
+fn a_lost_or_damaged_index_is_rebuilt_with_the_same_stats_and_verify() {
+    assert_root();
+    let s = Scratch::new("rebuild");
+    let root = init_root(s.path());
+    for g in ["g1", "g2", "g3"] {
+        adopt_built(&root, s.path(), g, dup_guest);
+    }
+    fs::write(
+        root.join("policy.toml"),
+        "rules = [\"immutable /usr/lib/**\"]\n",
+    )
+    .unwrap();
+    cowherd(&root).args(["unify", "--all"]).assert().success();
+    let before = comparable_stats(&root);
+    assert!(
+        before["total"]["objects"].as_u64().unwrap() >= 2,
+        "{before}"
+    );
+    let verified = run_json(cowherd(&root).args(["verify", "--json"]));
+    let guests = manifest(&root.join("guests"));
+
+    for f in ["index.db", "index.db-wal", "index.db-shm"] {
+        let _ = fs::remove_file(root.join(f));
+    }
+    for args in [&["stats"][..], &["unify", "--all"], &["init"], &["verify"]] {
+        let out = cowherd(&root).args(args).output().unwrap();
+        let err = assert_one_line_error(&out, 1);
+        assert!(err.contains("index rebuild"), "`cowherd {args:?}`: {err}");
+    }
+    let out = cowherd(&root).args(["index", "rebuild"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(comparable_stats(&root), before);
+    assert_eq!(
+        run_json(cowherd(&root).args(["verify", "--json"])),
+        verified
+    );
+    assert_same_content_and_metadata(&guests, &manifest(&root.join("guests")));
+    let again = run_json(cowherd(&root).args(["unify", "--all", "--json"]));
+    assert_eq!(linked_files(&again), 0, "{again}");
+    assert_eq!(hashed_files(&again), 0, "{again}");
+
+    // A damaged index is kept aside, and rebuilt the same way.
+    fs::write(root.join("index.db"), b"this is not a database").unwrap();
+    let rebuilt = run_json(cowherd(&root).args(["index", "rebuild", "--json"]));
+    let kept = rebuilt["rebuild"]["damaged_kept_as"].as_str().unwrap();
+    assert_eq!(fs::read(kept).unwrap(), b"this is not a database");
+    assert_eq!(comparable_stats(&root), before);
 }

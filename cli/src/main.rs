@@ -222,11 +222,23 @@ are shared, immutable paths are shared and get the inode's immutable flag."
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
-    /// Re-hash every store object; report corrupt objects and stale index entries.
+    /// Re-hash every store object; report corrupt objects and stale index entries, and with
+    /// --repair fix what can be fixed.
     Verify {
+        /// Fix what can be fixed: immutable flags set or cleared as the object's name says, an
+        /// object changed in place filed under the key of what it holds now, entries of the
+        /// store that are not objects moved to store/lost+found, stale index entries rescanned.
+        /// No guest file is changed.
+        #[arg(long)]
+        repair: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// The index ($ROOT/index.db): rebuild it when it was lost or damaged.
+    Index {
+        #[command(subcommand)]
+        command: IndexCommand,
     },
     /// Remove store objects no guest links to any more.
     Gc {
@@ -247,6 +259,19 @@ are shared, immutable paths are shared and get the inode's immutable flag."
         #[arg(long, default_value_t = 12)]
         guests: usize,
         /// Print the unify report and stats as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Make the index again from the store and the guests: every store object re-hashed and
+    /// found again by its name, every guest and cached template rescanned (their links to the
+    /// store recognised). A damaged index.db is kept aside as index.db.damaged-TIME. No guest
+    /// file changes.
+    Rebuild {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -431,12 +456,17 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Verify { json } => {
-            let root = open(&cli.root, Access::Read)?;
-            let report = cowherd_unify::verify(&root, &bars)?;
+        Command::Verify { repair, json } => {
+            let access = if repair { Access::Write } else { Access::Read };
+            let root = open(&cli.root, access)?;
+            let opts = cowherd_unify::VerifyOptions { repair };
+            let report = cowherd_unify::verify(&root, &opts, &bars)?;
             if json {
                 print_json(&report)?;
             } else {
+                for p in &report.repaired {
+                    outln!("repaired {}: {}", p.what, p.problem);
+                }
                 for p in &report.corrupt {
                     outln!("CORRUPT {}: {}", p.what, p.problem);
                 }
@@ -444,19 +474,51 @@ fn run(cli: Cli) -> Result<u8> {
                     outln!("stale   {}: {}", p.what, p.problem);
                 }
                 outln!(
-                    "checked {} objects ({}): {} corrupt; {} stale index entries{}",
+                    "checked {} objects ({}): {} corrupt; {} stale index entries; {} repaired",
                     report.objects_checked,
                     fmt::bytes(report.bytes_checked),
                     report.corrupt.len(),
                     report.stale.len(),
-                    if report.stale.is_empty() {
-                        ""
-                    } else {
-                        " (run `cowherd unify` to refresh)"
-                    }
+                    report.repaired.len(),
                 );
             }
             Ok(if report.corrupt.is_empty() {
+                0
+            } else {
+                EXIT_PARTIAL
+            })
+        }
+        Command::Index {
+            command: IndexCommand::Rebuild { json },
+        } => {
+            let (root, mut report) = cowherd_unify::rebuild_index(&cli.root, &bars)
+                .with_context(|| format!("rebuilding the index of {}", cli.root.display()))?;
+            let trees = templates::rescan_templates(&root, &bars, &mut report)?;
+            if json {
+                print_json(&serde_json::json!({ "rebuild": report, "template_trees": trees }))?;
+            } else {
+                if let Some(kept) = &report.damaged_kept_as {
+                    outln!("the damaged index was kept as {kept}");
+                }
+                for p in &report.skipped {
+                    outln!("skipped {}: {}", p.what, p.problem);
+                }
+                for f in &report.failures {
+                    outln!("FAILED {f}");
+                }
+                outln!(
+                    "index rebuilt: {} objects ({}) found again, {} immutable flags set again; \
+                     {trees} template trees and {} guests rescanned: {} guest files, {} of them \
+                     links of store objects",
+                    report.objects,
+                    fmt::bytes(report.object_bytes),
+                    report.flags_restored,
+                    report.guests.len(),
+                    report.files,
+                    report.linked_files,
+                );
+            }
+            Ok(if report.skipped.is_empty() && report.failures.is_empty() {
                 0
             } else {
                 EXIT_PARTIAL
@@ -715,14 +777,17 @@ fn print_stats(s: &cowherd_unify::Stats) {
     let t = &s.total;
     outln!();
     outln!(
-        "total: {} guests, {} files, {} objects; logical {}, physical {}, saved {} (ratio {:.2}x)",
+        "total: {} guests, {} files, {} objects; logical {}, physical {}, saved {} (ratio {:.2}x); \
+         index {} ({} B per file)",
         t.guests,
         t.files,
         t.objects,
         fmt::bytes(t.logical_bytes),
         fmt::bytes(t.physical_bytes),
         fmt::bytes(t.saved_bytes),
-        t.ratio
+        t.ratio,
+        fmt::bytes(t.index_bytes),
+        t.index_bytes / t.files.max(1),
     );
     print_objects(
         ["LINKS", "SIZE", "SAVED"],

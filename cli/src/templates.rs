@@ -63,6 +63,43 @@ pub enum TemplateCommand {
     },
 }
 
+/// Rescans every cached template version into a rebuilt index (`index rebuild`), under its
+/// template's policy (none if its definition is gone); returns how many trees. A tree that
+/// cannot be rescanned is a failure in `report`.
+pub(crate) fn rescan_templates(
+    root: &HostRoot,
+    bars: &Bars,
+    report: &mut cowherd_unify::RebuildReport,
+) -> Result<usize> {
+    let set = template_set(root)?;
+    let dir = root.path().join("templates");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    let mut trees = 0;
+    for name in names {
+        let policy = cowherd_builder::template_policy(&set, &name).unwrap_or(None);
+        for built in cowherd_builder::versions(root, &name)? {
+            let spec = cowherd_unify::TreeSpec {
+                index_name: &built.index_name(),
+                rel: &built.tree_rel(),
+                policy: policy.as_ref(),
+            };
+            let opts = cowherd_unify::UnifyOptions {
+                every_file: true,
+                ..cowherd_unify::UnifyOptions::default()
+            };
+            let scanned = cowherd_unify::unify_tree(root, &spec, &opts, bars)?;
+            report.failures.extend(scanned.failures);
+            trees += 1;
+        }
+    }
+    Ok(trees)
+}
+
 /// The templates of a root: the built-in ones and `$ROOT/templates.d/*.toml`.
 fn template_set(root: &HostRoot) -> Result<TemplateSet> {
     Ok(TemplateSet::load(&root.path().join("templates.d"))?)

@@ -41,9 +41,10 @@ pub(crate) fn build_candidates(
     idx.conn
         .execute(
             "CREATE TEMP TABLE cand AS
-             SELECT guest_id, path, ino, nlink, size, blocks, mode, uid, gid, mtime_ns, ctime_ns,
-                    CASE WHEN :ign THEN 0 ELSE mtime_ns END AS mt, marker, phash, chash, xhash
-             FROM files
+             SELECT guest_id, path, dir, name, ino, nlink, size, blocks, mode, uid, gid, mtime_ns,
+                    ctime_ns, CASE WHEN :ign THEN 0 ELSE mtime_ns END AS mt, marker, phash, chash,
+                    xhash
+             FROM paths
              WHERE guest_id IN (SELECT id FROM sel) AND marker > 0 AND size >= :min
                AND object_id IS NULL",
             named_params! {":ign": ign, ":min": min_size as i64},

@@ -23,6 +23,15 @@ pub enum Error {
         /// The root asked for.
         path: PathBuf,
     },
+    /// The root's layout and store are there, its index is not.
+    #[error(
+        "{path} has a store but no index.db: run `cowherd --root {path} index rebuild` \
+         (it re-hashes the store and rescans the guests; no guest file changes)"
+    )]
+    IndexMissing {
+        /// The root.
+        path: PathBuf,
+    },
     /// Two parts of the layout are on different filesystems.
     #[error(
         "{path} is on a different filesystem than {other}; hardlinks cannot cross filesystems \

@@ -116,12 +116,10 @@ pub(crate) fn hash_stage(
             match result {
                 Ok(Hashed::Partial(p)) => {
                     report.partial_hashed_files += 1;
-                    for table in ["files", "cand"] {
-                        idx.exec(
-                            &format!("UPDATE {table} SET phash = ?2 WHERE ino = ?1 AND guest_id IN (SELECT id FROM sel)"),
-                            params![job.ino, &p[..]],
-                        )?;
-                    }
+                    idx.exec(
+                        "UPDATE cand SET phash = ?2 WHERE ino = ?1",
+                        params![job.ino, &p[..]],
+                    )?;
                 }
                 Ok(Hashed::Full {
                     chash,
@@ -130,20 +128,16 @@ pub(crate) fn hash_stage(
                 }) => {
                     report.hashed_files += 1;
                     report.hashed_bytes += job.size;
-                    for table in ["files", "cand"] {
-                        idx.exec(
-                            &format!(
-                                "UPDATE {table} SET chash = ?2, phash = ?3, xhash = ?4
-                                 WHERE ino = ?1 AND guest_id IN (SELECT id FROM sel)"
-                            ),
-                            params![
-                                job.ino,
-                                &chash[..],
-                                phash.as_ref().map(|p| &p[..]),
-                                &xhash[..]
-                            ],
-                        )?;
-                    }
+                    let hashes = params![
+                        job.ino,
+                        &chash[..],
+                        phash.as_ref().map(|p| &p[..]),
+                        &xhash[..]
+                    ];
+                    idx.exec(
+                        "UPDATE cand SET chash = ?2, phash = ?3, xhash = ?4 WHERE ino = ?1",
+                        hashes,
+                    )?;
                 }
                 Ok(Hashed::Changed) => report.skipped_changed += 1,
                 Err(e) => report.failures.push(Failure::new(
@@ -220,4 +214,23 @@ fn hash_job(guest: &OpenGuest, job: &Job, stage: Stage) -> Result<Hashed> {
         return Ok(Hashed::Changed);
     }
     Ok(out)
+}
+
+/// Writes the hashes this run computed (kept in `temp.cand` while it runs) into the `files`
+/// rows that are still not linked, so the next run need not read those files again. A linked
+/// path never gets them (its object has them): rows are written once, not grown and shrunk.
+///
+/// # Errors
+/// Index errors.
+pub(crate) fn keep_hashes(root: &HostRoot) -> Result<()> {
+    root.index.exec(
+        "UPDATE files SET phash = c.phash, chash = c.chash, xhash = c.xhash
+         FROM cand c
+         WHERE files.dir = c.dir AND files.name = c.name AND files.object_id IS NULL
+           AND (c.phash IS NOT NULL OR c.chash IS NOT NULL)
+           AND (files.phash IS NOT c.phash OR files.chash IS NOT c.chash
+                OR files.xhash IS NOT c.xhash)",
+        [],
+    )?;
+    Ok(())
 }

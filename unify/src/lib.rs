@@ -21,6 +21,7 @@ mod plan;
 mod policy;
 mod progress;
 mod recover;
+mod reindex;
 mod release;
 mod replace;
 mod report;
@@ -29,6 +30,7 @@ mod scan;
 mod store;
 mod sys;
 mod unify;
+mod verify;
 
 pub use create::{
     CloneMode, CloneReport, NewGuest, TEMPLATE_REMOVING, TEMPLATE_STAGING, Tree, clone_tree,
@@ -42,8 +44,8 @@ pub use guest::{
 };
 pub use lifecycle::{DestroyReport, ExportReport, SplitReport, destroy, export, split};
 pub use maintain::{
-    AlreadyStored, GcReport, GuestStats, Problem, Stats, TopObject, Totals, VerifyReport,
-    already_stored, gc, stats, store_mark, verify,
+    AlreadyStored, GcReport, GuestStats, Stats, TopObject, Totals, already_stored, gc, stats,
+    store_mark,
 };
 pub use memory::{MemoryObject, MemoryStats, memory_stats};
 pub use mountinfo::{MountEntry, parse_mountinfo, read_mountinfo};
@@ -56,6 +58,8 @@ pub use policy::{
     parse_conffiles, read_dpkg_conffiles,
 };
 pub use progress::{NoProgress, Phase, Progress};
+pub use reindex::{RebuildReport, rebuild_index};
 pub use report::{Failure, LinkedPath, UnifyReport, display_path};
 pub use root::{Access, DEFAULT_ROOT, HostRoot};
 pub use unify::{TreeSpec, UnifyOptions, forget_tree, unify, unify_tree};
+pub use verify::{Problem, VerifyOptions, VerifyReport, verify};

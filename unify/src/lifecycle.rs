@@ -53,15 +53,10 @@ pub fn destroy(root: &HostRoot, name: &str) -> Result<DestroyReport> {
     nix::fcntl::renameat(root.guests_fd(), name, root.guests_fd(), doomed.as_str())
         .at(root.guests_dir().join(name))?;
     let idx = &root.index;
-    for table in ["files", "journal"] {
-        idx.exec(
-            &format!(
-                "DELETE FROM {table} WHERE guest_id IN (SELECT id FROM guests WHERE name = ?1)"
-            ),
-            [name],
-        )?;
-    }
-    idx.exec("DELETE FROM guests WHERE name = ?1", [name])?;
+    let id = idx.guest_id(name)?;
+    idx.drop_rows(id)?;
+    idx.exec("DELETE FROM journal WHERE guest_id = ?1", [id])?;
+    idx.exec("DELETE FROM guests WHERE id = ?1", [id])?;
     remove_doomed(root, &doomed)?;
     Ok(DestroyReport {
         guest: name.to_string(),
@@ -306,9 +301,10 @@ impl Splitter<'_> {
         fsx::set_mtime(parent, dir_mtime).at(&shown)?;
         idx.exec("DELETE FROM journal WHERE id = ?1", [row])?;
         renamed?;
+        let (dir, name) = crate::index::split_path(rel);
         idx.exec(
-            "DELETE FROM files WHERE guest_id = ?1 AND path = ?2",
-            params![self.guest_id, rel],
+            &format!("DELETE FROM files WHERE {}", crate::index::AT_PATH),
+            params![self.guest_id, dir, name],
         )?;
         self.report.split.push(guest_abs(rel));
         self.report.copied_bytes += st.size;

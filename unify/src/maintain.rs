@@ -1,16 +1,11 @@
-//! `stats`, `verify` and `gc`: reading the index and the store back.
+//! `stats` and `gc`: reading the index and the store back.
 
-use std::os::fd::{AsFd, BorrowedFd};
-
-use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{PathContext, Result};
 use crate::fsx;
 use crate::guest::guest_names;
-use crate::key::{self, KeyParts};
-use crate::policy::Marker;
-use crate::progress::{Phase, Progress};
+use crate::index::ORIGINAL_INODE;
 use crate::report::display_path;
 use crate::root::HostRoot;
 use crate::store;
@@ -56,6 +51,8 @@ pub struct Totals {
     pub saved_bytes: u64,
     /// `logical_bytes / physical_bytes`.
     pub ratio: f64,
+    /// The index's size on disk (`index.db` and its write-ahead log).
+    pub index_bytes: u64,
 }
 
 /// A store object and what sharing it saves.
@@ -96,6 +93,16 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
             .map(|v| v.unwrap_or(0))
             .map_err(|e| idx.err(e))
     };
+    // Once for all guests: the (guest, object) pairs, and per object how many guests link it.
+    c.execute_batch(
+        "DROP TABLE IF EXISTS temp.og; DROP TABLE IF EXISTS temp.ogn;
+         CREATE TEMP TABLE og AS SELECT DISTINCT guest_id, object_id FROM paths
+             WHERE object_id IS NOT NULL;
+         CREATE INDEX temp.og_guest ON og(guest_id);
+         CREATE TEMP TABLE ogn AS SELECT object_id, COUNT(*) AS n FROM og GROUP BY object_id;
+         CREATE UNIQUE INDEX temp.ogn_object ON ogn(object_id);",
+    )
+    .map_err(|e| idx.err(e))?;
     let mut guests = Vec::new();
     for name in guest_names(root)? {
         let Some((id, last_unify)) = c
@@ -121,41 +128,46 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
         };
         let logical_bytes = 512
             * q(
-                "SELECT SUM(b) FROM (SELECT MAX(orig_blocks) AS b FROM files
-                 WHERE guest_id = ?1 GROUP BY orig_ino)",
+                &format!(
+                    "SELECT SUM(b) FROM (
+                       SELECT MAX(CASE WHEN f.object_id IS NULL THEN f.blocks ELSE o.blocks END)
+                              AS b
+                       FROM paths f LEFT JOIN objects o ON o.id = f.object_id
+                       WHERE f.guest_id = ?1 GROUP BY {ORIGINAL_INODE})"
+                ),
                 &[&id],
             )? as u64;
         let private_bytes = 512
             * q(
-                "SELECT SUM(b) FROM (SELECT MAX(blocks) AS b FROM files
+                "SELECT SUM(b) FROM (SELECT MAX(blocks) AS b FROM paths
                  WHERE guest_id = ?1 AND object_id IS NULL GROUP BY ino)",
                 &[&id],
             )? as u64;
-        let share: f64 = c
+        let (share, shared_blocks): (f64, i64) = c
             .query_row(
-                "SELECT COALESCE(SUM(o.blocks * 512.0 /
-                    (SELECT COUNT(DISTINCT f2.guest_id) FROM files f2 WHERE f2.object_id = o.id)), 0)
-                 FROM objects o WHERE o.id IN (SELECT object_id FROM files WHERE guest_id = ?1)",
+                "SELECT COALESCE(SUM(o.blocks * 512.0 / n.n), 0), COALESCE(SUM(o.blocks), 0)
+                 FROM og JOIN objects o ON o.id = og.object_id
+                 JOIN ogn n ON n.object_id = og.object_id
+                 WHERE og.guest_id = ?1",
                 [id],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| idx.err(e))?;
+        let (files, linked_files): (i64, i64) = c
+            .query_row(
+                "SELECT COUNT(*), COUNT(object_id) FROM paths WHERE guest_id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(|e| idx.err(e))?;
         let physical_bytes = private_bytes + share.round() as u64;
         guests.push(GuestStats {
             name,
-            files: q("SELECT COUNT(*) FROM files WHERE guest_id = ?1", &[&id])? as u64,
-            linked_files: q(
-                "SELECT COUNT(object_id) FROM files WHERE guest_id = ?1",
-                &[&id],
-            )? as u64,
+            files: files as u64,
+            linked_files: linked_files as u64,
             logical_bytes,
             private_bytes,
-            shared_bytes: 512
-                * q(
-                    "SELECT SUM(blocks) FROM objects WHERE id IN
-                     (SELECT object_id FROM files WHERE guest_id = ?1)",
-                    &[&id],
-                )? as u64,
+            shared_bytes: 512 * shared_blocks as u64,
             physical_bytes,
             saved_bytes: logical_bytes.saturating_sub(physical_bytes),
             last_unify,
@@ -168,6 +180,11 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
              GROUP BY ino)",
             &[],
         )? + q("SELECT SUM(blocks) FROM objects", &[])?) as u64;
+    let index_bytes = ["index.db", "index.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(root.path().join(f)).ok())
+        .map(|m| m.len())
+        .sum();
     let total = Totals {
         guests: guests.len() as u64,
         files: guests.iter().map(|g| g.files).sum(),
@@ -180,16 +197,22 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
         } else {
             logical as f64 / physical as f64
         },
+        index_bytes,
     };
     // The objects that save the most, each with one path that links it: a guest's rather than
-    // a template's (`@…`), the first by name.
+    // a template's (`@…`), the first by name. One pass over the files for the links, one for
+    // the examples.
+    c.execute_batch(
+        "DROP TABLE IF EXISTS temp.links;
+         CREATE TEMP TABLE links AS SELECT object_id, COUNT(*) AS n FROM files
+             WHERE object_id IS NOT NULL GROUP BY object_id;",
+    )
+    .map_err(|e| idx.err(e))?;
     let mut stmt = c
         .prepare(
-            "SELECT o.id, o.name, t.links, o.size, o.blocks
-             FROM (SELECT object_id, COUNT(*) AS links FROM files
-                   WHERE object_id IS NOT NULL GROUP BY object_id) t
-             JOIN objects o ON o.id = t.object_id
-             ORDER BY (t.links - 1) * o.blocks DESC, o.name LIMIT ?1",
+            "SELECT o.id, o.name, t.n, o.size, o.blocks
+             FROM links t JOIN objects o ON o.id = t.object_id
+             ORDER BY (t.n - 1) * o.blocks DESC, o.name LIMIT ?1",
         )
         .map_err(|e| idx.err(e))?;
     let rows: Vec<(i64, String, i64, i64, i64)> = stmt
@@ -198,17 +221,36 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
         })
         .and_then(|rows| rows.collect())
         .map_err(|e| idx.err(e))?;
-    let mut example = c
-        .prepare(
-            "SELECT g.name, f.path FROM files f JOIN guests g ON g.id = f.guest_id
-             WHERE f.object_id = ?1 ORDER BY g.name LIKE '@%', g.name, f.path LIMIT 1",
-        )
-        .map_err(|e| idx.err(e))?;
+    let wanted: std::collections::HashSet<i64> = rows.iter().map(|r| r.0).collect();
+    // Per object, the first (template last, guest name, path) of its paths.
+    let mut examples: std::collections::HashMap<i64, (bool, String, Vec<u8>)> = Default::default();
+    if !wanted.is_empty() {
+        let mut scan = c
+            .prepare(
+                "SELECT f.object_id, g.name, f.path FROM paths f JOIN guests g ON g.id = f.guest_id
+                 WHERE f.object_id IS NOT NULL",
+            )
+            .map_err(|e| idx.err(e))?;
+        let mut all = scan.query([]).map_err(|e| idx.err(e))?;
+        while let Some(r) = all.next().map_err(|e| idx.err(e))? {
+            let object: i64 = r.get(0).map_err(|e| idx.err(e))?;
+            if !wanted.contains(&object) {
+                continue;
+            }
+            let guest: String = r.get(1).map_err(|e| idx.err(e))?;
+            let path: Vec<u8> = r.get(2).map_err(|e| idx.err(e))?;
+            let candidate = (guest.starts_with('@'), guest, path);
+            match examples.get(&object) {
+                Some(best) if *best <= candidate => {}
+                _ => {
+                    examples.insert(object, candidate);
+                }
+            }
+        }
+    }
     let mut top = Vec::with_capacity(rows.len());
     for (id, object, links, size, blocks) in rows {
-        let (guest, path): (String, Vec<u8>) = example
-            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(|e| idx.err(e))?;
+        let (_, guest, path) = examples.remove(&id).unwrap_or_default();
         top.push(TopObject {
             object,
             links: links as u64,
@@ -218,200 +260,6 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
         });
     }
     Ok(Stats { guests, total, top })
-}
-
-/// A problem `verify` found.
-#[derive(Clone, Debug, Serialize)]
-pub struct Problem {
-    /// The object or `guest:/path`.
-    pub what: String,
-    /// What is wrong.
-    pub problem: String,
-}
-
-/// What `cowherd verify` found.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct VerifyReport {
-    /// Store objects re-hashed.
-    pub objects_checked: u64,
-    /// Bytes read.
-    pub bytes_checked: u64,
-    /// Objects whose content or metadata no longer match their key, or whose immutable flag
-    /// is wrong, or files in the store that are not objects.
-    pub corrupt: Vec<Problem>,
-    /// Guest files whose index entry is stale (changed or gone since the last unify).
-    pub stale: Vec<Problem>,
-}
-
-/// Re-hashes every store object and checks every guest's index entries.
-///
-/// # Errors
-/// Index errors and unreadable store directories; an unreadable object is a [`Problem`].
-pub fn verify(root: &HostRoot, progress: &dyn Progress) -> Result<VerifyReport> {
-    let mut report = VerifyReport::default();
-    let objects_dir = root.objects_dir();
-    let mut names = Vec::new();
-    for fan in std::fs::read_dir(&objects_dir).at(&objects_dir)? {
-        let fan = fan.at(&objects_dir)?;
-        if !fan.file_type().at(fan.path())?.is_dir() {
-            report.corrupt.push(Problem {
-                what: display_path(fan.file_name().as_encoded_bytes()),
-                problem: "not an object directory".into(),
-            });
-            continue;
-        }
-        for entry in std::fs::read_dir(fan.path()).at(fan.path())? {
-            let entry = entry.at(fan.path())?;
-            match entry.file_name().into_string() {
-                Ok(n)
-                    if store::parse_object_name(&n).is_some()
-                        && n.starts_with(&*fan.file_name().to_string_lossy()) =>
-                {
-                    names.push(n)
-                }
-                Ok(n) => report.corrupt.push(Problem {
-                    what: n,
-                    problem: "not a store object name".into(),
-                }),
-                Err(n) => report.corrupt.push(Problem {
-                    what: display_path(n.as_encoded_bytes()),
-                    problem: "not a store object name".into(),
-                }),
-            }
-        }
-    }
-    let total: u64 = names
-        .iter()
-        .filter_map(|n| fsx::lstat_at(root.objects_fd(), store::object_rel(n).as_bytes()).ok())
-        .map(|s| s.size)
-        .sum();
-    progress.start(Phase::Verify, Some(total));
-    let objects_fd = root.objects_fd();
-    let results: Vec<(u64, Option<Problem>)> = names
-        .par_iter()
-        .map(|name| {
-            let (size, problem) = check_object(objects_fd, name);
-            progress.advance(size);
-            (
-                size,
-                problem.map(|p| Problem {
-                    what: name.clone(),
-                    problem: p,
-                }),
-            )
-        })
-        .collect();
-    progress.finish();
-    for (size, problem) in results {
-        report.objects_checked += 1;
-        report.bytes_checked += size;
-        report.corrupt.extend(problem);
-    }
-    check_index(root, &mut report)?;
-    Ok(report)
-}
-
-/// Re-hashes one object; returns its size and what is wrong, if anything.
-fn check_object(objects: BorrowedFd<'_>, name: &str) -> (u64, Option<String>) {
-    let Some((key, kind, _)) = store::parse_object_name(name) else {
-        return (0, Some("not a store object name".into()));
-    };
-    let rel = store::object_rel(name);
-    let flags = nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK;
-    let fd = match fsx::open_beneath(objects, rel.as_bytes(), flags) {
-        Ok(fd) => fd,
-        Err(e) => return (0, Some(e.to_string())),
-    };
-    let st = match fsx::fstat(&fd) {
-        Ok(st) => st,
-        Err(e) => return (0, Some(e.to_string())),
-    };
-    if !st.is_file() {
-        return (0, Some("not a regular file".into()));
-    }
-    let immutable = crate::sys::is_immutable(fd.as_fd()).unwrap_or(false);
-    let file = std::fs::File::from(fd);
-    let (chash, _) = match key::content_hash(&file, st.size) {
-        Ok(h) => h,
-        Err(e) => return (st.size, Some(format!("cannot read: {e}"))),
-    };
-    let xattrs = match fsx::read_xattrs(&file) {
-        Ok(x) => x,
-        Err(e) => return (st.size, Some(format!("cannot read xattrs: {e}"))),
-    };
-    let parts = KeyParts {
-        chash,
-        xhash: key::xattr_hash(&xattrs),
-        size: st.size,
-        mode: st.mode,
-        uid: st.uid,
-        gid: st.gid,
-        mtime_ns: Some(st.mtime_ns),
-    };
-    let matches = parts.key() == key
-        || KeyParts {
-            mtime_ns: None,
-            ..parts
-        }
-        .key()
-            == key;
-    let problem = if !matches {
-        Some("content or metadata no longer match its key (changed in place on the host?)".into())
-    } else if kind == Marker::Immutable && !immutable {
-        Some("immutable object lacks the immutable flag (run `cowherd unify` to restore it)".into())
-    } else if kind == Marker::Cow && immutable {
-        Some("copy-on-write object carries the immutable flag (chattr -i it)".into())
-    } else {
-        None
-    };
-    (st.size, problem)
-}
-
-/// Compares every guest's index rows with the files.
-fn check_index(root: &HostRoot, report: &mut VerifyReport) -> Result<()> {
-    let idx = &root.index;
-    for name in guest_names(root)? {
-        let Ok(guest) = crate::guest::open_guest(root, &name) else {
-            continue;
-        };
-        let mut stmt = idx
-            .conn
-            .prepare(
-                "SELECT f.path, f.ino, f.size, f.mtime_ns, f.ctime_ns, f.object_id, o.ino
-                 FROM files f LEFT JOIN objects o ON o.id = f.object_id WHERE f.guest_id = ?1",
-            )
-            .map_err(|e| idx.err(e))?;
-        let mut rows = stmt.query([guest.id]).map_err(|e| idx.err(e))?;
-        while let Some(r) = rows.next().map_err(|e| idx.err(e))? {
-            let path: Vec<u8> = r.get(0).map_err(|e| idx.err(e))?;
-            let get = |i| r.get::<_, Option<i64>>(i).map_err(|e| idx.err(e));
-            let (ino, size, mtime, ctime, object, object_ino) =
-                (get(1)?, get(2)?, get(3)?, get(4)?, get(5)?, get(6)?);
-            let now = fsx::open_beneath(guest.base(), &path, nix::fcntl::OFlag::O_PATH)
-                .ok()
-                .and_then(|fd| fsx::fstat(&fd).ok());
-            let problem = match now {
-                None => Some("gone"),
-                Some(st) if !st.is_file() => Some("no longer a regular file"),
-                Some(st) if object.is_some() => (Some(st.ino as i64) != object_ino)
-                    .then_some("no longer linked to its store object"),
-                Some(st) => (Some(st.ino as i64) != ino
-                    || Some(st.size as i64) != size
-                    || Some(st.mtime_ns) != mtime
-                    || Some(st.ctime_ns) != ctime)
-                    .then_some("changed since the last unify"),
-            };
-            if let Some(p) = problem {
-                let mut abs = b"/".to_vec();
-                abs.extend_from_slice(&path);
-                report.stale.push(Problem {
-                    what: format!("{name}:{}", display_path(&abs)),
-                    problem: p.into(),
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 /// What `cowherd gc` removed (or would remove).
@@ -457,27 +305,48 @@ pub fn gc(root: &HostRoot, dry_run: bool) -> Result<GcReport> {
                 continue;
             }
             report.removed_bytes += st.blocks * 512;
-            if !dry_run {
-                // The row goes first: a row left behind by a kill could name an inode number
-                // the filesystem gives to a new object later.
-                root.index.exec(
-                    "UPDATE files SET object_id = NULL WHERE object_id IN (SELECT id FROM objects WHERE name = ?1)",
-                    [&name],
-                )?;
-                root.index
-                    .exec("DELETE FROM objects WHERE name = ?1", [&name])?;
-                if store::object_is_immutable(root, &name)? {
-                    store::set_object_immutable(root, &name, false)?;
-                }
-                nix::unistd::unlinkat(
-                    root.objects_fd(),
-                    rel.as_str(),
-                    nix::unistd::UnlinkatFlags::NoRemoveDir,
-                )
-                .at(entry.path())?;
-            }
             report.removed.push(name);
         }
+    }
+    if dry_run || report.removed.is_empty() {
+        return Ok(report);
+    }
+    // The rows go first, in one pass over the files: a row left behind by a kill could name
+    // an inode number the filesystem gives to a new object later. An object file left without
+    // its row by a kill is found by name, and removed by the next gc.
+    let idx = &root.index;
+    let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
+    idx.conn
+        .execute_batch(
+            "DROP TABLE IF EXISTS temp.gone;
+             CREATE TEMP TABLE gone(id INTEGER PRIMARY KEY);",
+        )
+        .map_err(|e| idx.err(e))?;
+    for name in &report.removed {
+        idx.exec(
+            "INSERT OR IGNORE INTO gone(id) SELECT id FROM objects WHERE name = ?1",
+            [name],
+        )?;
+    }
+    idx.conn
+        .execute_batch(
+            "UPDATE files SET object_id = NULL WHERE object_id IN (SELECT id FROM gone);
+             DELETE FROM objects WHERE id IN (SELECT id FROM gone);
+             DROP TABLE temp.gone;",
+        )
+        .map_err(|e| idx.err(e))?;
+    tx.commit().map_err(|e| idx.err(e))?;
+    for name in &report.removed {
+        if store::object_is_immutable(root, name)? {
+            store::set_object_immutable(root, name, false)?;
+        }
+        let rel = store::object_rel(name);
+        nix::unistd::unlinkat(
+            root.objects_fd(),
+            rel.as_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        )
+        .at(root.objects_dir().join(&rel))?;
     }
     Ok(report)
 }
@@ -519,7 +388,7 @@ pub fn already_stored(root: &HostRoot, name: &str, mark: i64) -> Result<AlreadyS
             "SELECT COUNT(*), COALESCE(SUM(size), 0),
                     COALESCE(SUM(object_id IS NOT NULL AND object_id <= ?2), 0),
                     COALESCE(SUM(CASE WHEN object_id IS NOT NULL AND object_id <= ?2 THEN size END), 0)
-             FROM files WHERE guest_id = (SELECT id FROM guests WHERE name = ?1)",
+             FROM paths WHERE guest_id = (SELECT id FROM guests WHERE name = ?1)",
             rusqlite::params![name, mark],
             |r| {
                 Ok(AlreadyStored {

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::error::{PathContext, Result};
 use crate::fsx;
 use crate::guest::{GuestPaths, guest_record};
+use crate::index::ORIGINAL_INODE;
 use crate::mountinfo::MountTable;
 use crate::overlay::{MountState, state_in};
 use crate::report::display_path;
@@ -137,20 +138,20 @@ pub fn memory_stats(root: &HostRoot, top: usize) -> Result<MemoryStats> {
     // Per object: the mounted guests that read it, and one example path.
     let mut readers: BTreeMap<i64, (String, u64, u64, String)> = BTreeMap::new();
     for (id, name, paths) in &mounted {
-        stats.files += q("SELECT COUNT(*) FROM files WHERE guest_id = ?1", *id)?;
+        stats.files += q("SELECT COUNT(*) FROM paths WHERE guest_id = ?1", *id)?;
         stats.inodes_unshared += q(
-            "SELECT COUNT(DISTINCT orig_ino) FROM files WHERE guest_id = ?1",
+            &format!("SELECT COUNT(DISTINCT {ORIGINAL_INODE}) FROM paths f WHERE f.guest_id = ?1"),
             *id,
         )?;
         stats.inodes += q(
-            "SELECT COUNT(DISTINCT ino) FROM files WHERE guest_id = ?1 AND object_id IS NULL",
+            "SELECT COUNT(DISTINCT ino) FROM paths WHERE guest_id = ?1 AND object_id IS NULL",
             *id,
         )?;
         let upper = fsx::open_dir(&paths.upper)?;
         let mut stmt = idx
             .conn
             .prepare(
-                "SELECT f.object_id, o.name, o.size, f.path FROM files f
+                "SELECT f.object_id, o.name, o.size, f.path FROM paths f
                  JOIN objects o ON o.id = f.object_id WHERE f.guest_id = ?1 ORDER BY f.object_id",
             )
             .map_err(|e| idx.err(e))?;
@@ -218,7 +219,9 @@ fn distinct_objects(root: &HostRoot, mounted: &[(i64, String, GuestPaths)]) -> R
     for (id, _, _) in mounted {
         let mut stmt = idx
             .conn
-            .prepare_cached("SELECT DISTINCT object_id FROM files WHERE guest_id = ?1 AND object_id IS NOT NULL")
+            .prepare_cached(
+                "SELECT DISTINCT object_id FROM paths WHERE guest_id = ?1 AND object_id IS NOT NULL",
+            )
             .map_err(|e| idx.err(e))?;
         let ids = stmt
             .query_map([id], |r| r.get::<_, i64>(0))

@@ -33,6 +33,9 @@ pub(crate) struct PlanOptions {
 struct Member {
     guest_id: i64,
     path: Vec<u8>,
+    /// Its `files` row: directory id and name.
+    dir: i64,
+    name: Vec<u8>,
     stat: Stat,
 }
 
@@ -48,7 +51,8 @@ pub(crate) fn plan(
     idx.conn
         .execute_batch(
             "CREATE TEMP TABLE plan(
-                id INTEGER PRIMARY KEY, guest_id INTEGER, path BLOB, object_id INTEGER,
+                id INTEGER PRIMARY KEY, guest_id INTEGER, path BLOB, dir INTEGER, name BLOB,
+                object_id INTEGER,
                 object_name TEXT, object_ino INTEGER, ino INTEGER, nlink INTEGER, blocks INTEGER,
                 size INTEGER, mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER,
                 ctime_ns INTEGER);",
@@ -75,7 +79,7 @@ pub(crate) fn plan(
             .conn
             .prepare(
                 "SELECT guest_id, path, ino, nlink, size, blocks, mode, uid, gid, mtime_ns, ctime_ns,
-                        marker, chash, xhash
+                        marker, chash, xhash, dir, name
                  FROM cand WHERE chash IS NOT NULL AND xhash IS NOT NULL
                  ORDER BY size, mode, uid, gid, mt, chash, xhash, marker, ino",
             )
@@ -148,6 +152,8 @@ fn read_member(
     let member = Member {
         guest_id: r.get(0)?,
         path: r.get(1)?,
+        dir: r.get(14)?,
+        name: r.get(15)?,
         stat,
     };
     Ok(Some((parts, marker, member)))
@@ -307,18 +313,16 @@ fn record_plan(
     let mut insert = idx
         .conn
         .prepare_cached(
-            "INSERT INTO plan(guest_id, path, object_id, object_name, object_ino, ino, nlink, blocks,
-                              size, mode, uid, gid, mtime_ns, ctime_ns)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            "INSERT INTO plan(guest_id, path, dir, name, object_id, object_name, object_ino, ino,
+                              nlink, blocks, size, mode, uid, gid, mtime_ns, ctime_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )
         .map_err(|e| idx.err(e))?;
     for m in group {
         if Some(m.stat.ino) == object_ino {
+            // The inode itself became the object: its paths are links to it already.
             if let Some(object) = object {
-                idx.exec(
-                    "UPDATE files SET object_id = ?3 WHERE guest_id = ?1 AND path = ?2",
-                    params![m.guest_id, m.path, object.id],
-                )?;
+                index::record_link(idx, m.dir, &m.name, object.id, object.ino, &m.stat)?;
             }
             continue;
         }
@@ -327,6 +331,8 @@ fn record_plan(
             .execute(params![
                 m.guest_id,
                 m.path,
+                m.dir,
+                m.name,
                 object.map(|o| o.id),
                 name,
                 object_ino.map(|i| i as i64),
@@ -435,6 +441,8 @@ mod tests {
         Member {
             guest_id: 1,
             path: Vec::new(),
+            dir: 1,
+            name: Vec::new(),
             stat: Stat {
                 dev: 1,
                 ino,

@@ -31,6 +31,9 @@ struct Step {
     id: i64,
     guest_id: i64,
     path: Vec<u8>,
+    /// Its `files` row: directory id and name.
+    dir: i64,
+    name: Vec<u8>,
     object_id: i64,
     object_name: String,
     object_ino: u64,
@@ -40,7 +43,7 @@ struct Step {
 fn read_steps(conn: &Connection, after: i64, dev: u64) -> rusqlite::Result<Vec<Step>> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, guest_id, path, object_id, object_name, object_ino, ino, nlink, size, blocks,
-                mode, uid, gid, mtime_ns, ctime_ns
+                mode, uid, gid, mtime_ns, ctime_ns, dir, name
          FROM plan WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
     stmt.query_map(params![after, CHUNK], |r| {
@@ -48,6 +51,8 @@ fn read_steps(conn: &Connection, after: i64, dev: u64) -> rusqlite::Result<Vec<S
             id: r.get(0)?,
             guest_id: r.get(1)?,
             path: r.get(2)?,
+            dir: r.get(15)?,
+            name: r.get(16)?,
             object_id: r.get(3)?,
             object_name: r.get(4)?,
             object_ino: r.get::<_, i64>(5)? as u64,
@@ -102,8 +107,9 @@ pub(crate) fn replace_all(
     idx.conn
         .execute_batch(
             "CREATE TEMP TABLE plan_sorted AS SELECT * FROM plan ORDER BY guest_id, path;
-             DELETE FROM plan; INSERT INTO plan SELECT NULL, guest_id, path, object_id, object_name,
-               object_ino, ino, nlink, blocks, size, mode, uid, gid, mtime_ns, ctime_ns
+             DELETE FROM plan; INSERT INTO plan SELECT NULL, guest_id, path, dir, name, object_id,
+               object_name, object_ino, ino, nlink, blocks, size, mode, uid, gid, mtime_ns,
+               ctime_ns
              FROM plan_sorted ORDER BY guest_id, path; DROP TABLE plan_sorted;",
         )
         .map_err(|e| idx.err(e))?;
@@ -302,10 +308,7 @@ fn finish_batch(
         idx.exec("DELETE FROM journal WHERE id = ?1", [row])?;
     }
     for s in done {
-        idx.exec(
-            "UPDATE files SET object_id = ?3, ino = ?4 WHERE guest_id = ?1 AND path = ?2",
-            params![s.guest_id, s.path, s.object_id, s.object_ino as i64],
-        )?;
+        index::record_link(idx, s.dir, &s.name, s.object_id, s.object_ino, &s.then)?;
     }
     tx.commit().map_err(|e| idx.err(e))
 }

@@ -96,16 +96,30 @@ impl HostRoot {
             fsx::write_atomic(&policy, DEFAULT_POLICY_TOML.as_bytes())?;
         }
         let db = path.join("index.db");
-        // SQLite gives its -wal and -shm files the mode of the database file.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&db)
-            .at(&db)?;
+        if std::fs::symlink_metadata(&db).is_err() && store_has_objects(&path) {
+            return Err(Error::IndexMissing { path });
+        }
+        create_index_file(&db)?;
         Index::open(&db)?;
         Ok(path)
+    }
+
+    /// Opens the layout at `path` for writing with a new, empty index (`index rebuild`): the
+    /// layout must exist, `index.db` must not.
+    ///
+    /// # Errors
+    /// [`Error::NotARoot`] without a layout; as [`HostRoot::open`].
+    pub(crate) fn open_new_index(path: &Path) -> Result<HostRoot> {
+        if LAYOUT
+            .iter()
+            .any(|dir| !std::fs::symlink_metadata(path.join(dir)).is_ok_and(|m| m.is_dir()))
+        {
+            return Err(Error::NotARoot {
+                path: path.to_path_buf(),
+            });
+        }
+        create_index_file(&path.join("index.db"))?;
+        HostRoot::open(path, Access::Write)
     }
 
     /// Opens an initialised root's layout, lock (for [`Access::Write`]) and index, without
@@ -117,8 +131,14 @@ impl HostRoot {
     /// running (for [`Access::Write`]).
     pub(crate) fn open_layout(path: &Path, access: Access) -> Result<HostRoot> {
         if std::fs::symlink_metadata(path.join("index.db")).is_err() {
-            return Err(Error::NotARoot {
-                path: path.to_path_buf(),
+            return Err(if store_has_objects(path) {
+                Error::IndexMissing {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                Error::NotARoot {
+                    path: path.to_path_buf(),
+                }
             });
         }
         let path = std::fs::canonicalize(path).at(path)?;
@@ -256,6 +276,25 @@ impl HostRoot {
             })
         }
     }
+}
+
+/// Whether `store/objects` below `root` holds anything (then its index must be rebuilt, not
+/// started empty: an empty index would not know the guests' links are store links).
+fn store_has_objects(root: &Path) -> bool {
+    std::fs::read_dir(root.join("store/objects")).is_ok_and(|mut fans| fans.next().is_some())
+}
+
+/// Creates `index.db` (if missing) readable by root only, never through a symlink. SQLite
+/// gives its -wal and -shm files the mode of the database file.
+fn create_index_file(db: &Path) -> Result<()> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(db)
+        .at(db)?;
+    Ok(())
 }
 
 fn take_lock(path: &Path) -> Result<Flock<File>> {

@@ -13,6 +13,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use crate::error::{Error, Result};
 use crate::fsx::{self, Stat, Visit};
 use crate::guest::OpenGuest;
+use crate::index::{AT_PATH, split_path};
 use crate::progress::Progress;
 use crate::report::{Failure, UnifyReport};
 use crate::root::HostRoot;
@@ -101,9 +102,16 @@ pub(crate) fn scan_guests(
         });
         // On an error `rx` is dropped on return, which stops the walkers' sends.
         let mut writer = Writer::new(root)?;
+        // Guests whose rows changed: only those need their hardlink groups and directories
+        // looked at again (an unchanged guest costs no query).
+        let mut touched = vec![false; guests.len()];
         for chunk in rx {
             let guest = &guests[chunk.guest];
             report.files_scanned += chunk.unchanged;
+            touched[chunk.guest] |= chunk
+                .found
+                .iter()
+                .any(|f| !matches!(f, Found::Failure { .. }));
             for found in chunk.found {
                 match found {
                     Found::File {
@@ -122,16 +130,18 @@ pub(crate) fn scan_guests(
                     }
                     Found::Marker { rel, marker } => {
                         report.files_scanned += 1;
+                        let (dir, name) = split_path(&rel);
                         writer.exec(
-                            "UPDATE files SET marker = ?3 WHERE guest_id = ?1 AND path = ?2",
-                            params![guest.id, rel, marker],
+                            &format!("UPDATE files SET marker = ?4 WHERE {AT_PATH}"),
+                            params![guest.id, dir, name, marker],
                         )?;
                     }
                     Found::Gone { rel } => {
                         report.files_removed += 1;
+                        let (dir, name) = split_path(&rel);
                         writer.exec(
-                            "DELETE FROM files WHERE guest_id = ?1 AND path = ?2",
-                            params![guest.id, rel],
+                            &format!("DELETE FROM files WHERE {AT_PATH}"),
+                            params![guest.id, dir, name],
                         )?;
                     }
                     Found::Failure { rel, error } => {
@@ -140,8 +150,9 @@ pub(crate) fn scan_guests(
                     Found::Fatal(e) => return Err(e),
                 }
             }
-            if chunk.done {
+            if chunk.done && touched[chunk.guest] {
                 mark_conflicts(root, guest)?;
+                root.index.drop_empty_dirs(guest.id)?;
             }
         }
         writer.commit()
@@ -164,7 +175,7 @@ fn known_rows(index_path: &Path, guest_id: i64) -> Result<HashMap<Vec<u8>, Known
     let mut stmt = conn
         .prepare(
             "SELECT path, ino, size, mtime_ns, ctime_ns, object_id IS NOT NULL, marker
-             FROM files WHERE guest_id = ?1",
+             FROM paths WHERE guest_id = ?1",
         )
         .map_err(wrap)?;
     let rows = stmt
@@ -307,6 +318,9 @@ fn walk(
 struct Writer<'a> {
     root: &'a HostRoot,
     pending: usize,
+    /// The directory row of the last file written, per guest id: files come in walk order,
+    /// so most files find their directory here.
+    last_dir: HashMap<i64, (Vec<u8>, i64)>,
 }
 
 impl<'a> Writer<'a> {
@@ -315,7 +329,11 @@ impl<'a> Writer<'a> {
             .conn
             .execute_batch("BEGIN")
             .map_err(|e| root.index.err(e))?;
-        Ok(Writer { root, pending: 0 })
+        Ok(Writer {
+            root,
+            pending: 0,
+            last_dir: HashMap::new(),
+        })
     }
 
     fn commit(&mut self) -> Result<()> {
@@ -354,16 +372,22 @@ impl<'a> Writer<'a> {
         } else {
             None
         };
+        let (dir, name) = split_path(rel);
+        let dir_id = match self.last_dir.get(&guest_id) {
+            Some((path, id)) if path == dir => *id,
+            _ => {
+                let id = self.root.index.dir_id(guest_id, dir)?;
+                self.last_dir.insert(guest_id, (dir.to_vec(), id));
+                id
+            }
+        };
         self.exec(
-            "INSERT OR REPLACE INTO files(guest_id, path, dev, ino, nlink, size, blocks, mtime_ns,
-                ctime_ns, mode, uid, gid, marker, phash, chash, xhash, object_id, orig_ino,
-                orig_blocks, gen)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, NULL, NULL, NULL,
-                ?14, ?4, ?7, 0)",
+            "INSERT OR REPLACE INTO files(dir, name, ino, nlink, size, blocks, mtime_ns,
+                ctime_ns, mode, uid, gid, marker, object_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
-                guest_id,
-                rel,
-                st.dev as i64,
+                dir_id,
+                name,
                 st.ino as i64,
                 st.nlink as i64,
                 st.size as i64,
@@ -383,8 +407,10 @@ impl<'a> Writer<'a> {
 /// A hardlink group whose paths got different markers is left alone (treated as private).
 fn mark_conflicts(root: &HostRoot, guest: &OpenGuest) -> Result<()> {
     root.index.exec(
-        "UPDATE files SET marker = 0 WHERE guest_id = ?1 AND object_id IS NULL AND nlink > 1
-           AND ino IN (SELECT ino FROM files WHERE guest_id = ?1 AND nlink > 1
+        "UPDATE files SET marker = 0
+         WHERE dir IN (SELECT id FROM dirs WHERE guest_id = ?1) AND object_id IS NULL
+           AND nlink > 1
+           AND ino IN (SELECT ino FROM paths WHERE guest_id = ?1 AND nlink > 1
                        GROUP BY ino HAVING MIN(marker) <> MAX(marker))",
         [guest.id],
     )?;

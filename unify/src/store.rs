@@ -123,7 +123,7 @@ pub(crate) fn find_object(
 }
 
 /// Records (or refreshes) the index row of an object found or created at `name`.
-fn record_object(
+pub(crate) fn record_object(
     root: &HostRoot,
     spec: &ObjectSpec<'_>,
     name: &str,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use crate::candidates::build_candidates;
 use crate::error::{Error, PathContext, Result};
 use crate::guest::{OpenGuest, check_offline, guest_names, guest_record, open_guest, open_tree};
-use crate::hash::{Stage, hash_stage};
+use crate::hash::{Stage, hash_stage, keep_hashes};
 use crate::mountinfo::MountTable;
 use crate::plan::{PlanOptions, list_planned, plan, planned_savings};
 use crate::policy::PolicyFile;
@@ -130,17 +130,7 @@ fn run(
         return Ok(report);
     }
 
-    // The phases wait on the disk more than on the CPU: run them on more threads than cores
-    // so that reads, stats and renames overlap.
-    let threads = (4 * std::thread::available_parallelism().map_or(2, |n| n.get())).clamp(4, 32);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("cowherd-io-{i}"))
-        .build()
-        .map_err(|e| Error::Io {
-            path: root.path().to_path_buf(),
-            error: std::io::Error::other(e),
-        })?;
+    let pool = io_pool(root)?;
     let mut clock = std::time::Instant::now();
     let mut lap = |report: &mut UnifyReport, phase: &'static str| {
         let now = std::time::Instant::now();
@@ -204,6 +194,53 @@ fn run(
     if opts.dry_run {
         report.saved_bytes = planned_savings(root)?.saturating_sub(copied_blocks * 512);
     }
+    keep_hashes(root)?;
+    Ok(report)
+}
+
+/// The pool of I/O threads of a run. The phases wait on the disk more than on the CPU: they
+/// run on more threads than cores so that reads, stats and renames overlap.
+fn io_pool(root: &HostRoot) -> Result<rayon::ThreadPool> {
+    let threads = (4 * std::thread::available_parallelism().map_or(2, |n| n.get())).clamp(4, 32);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("cowherd-io-{i}"))
+        .build()
+        .map_err(|e| Error::Io {
+            path: root.path().to_path_buf(),
+            error: std::io::Error::other(e),
+        })
+}
+
+/// Scans guests `names` into the index and nothing more: their rows brought up to date, files
+/// that are links of store objects recognised by inode; nothing is hashed or linked. A mounted
+/// guest's base is read as it is (nothing is written to it). For `verify --repair` and
+/// `index rebuild`.
+///
+/// # Errors
+/// Index errors; a guest that cannot be opened or a file that cannot be read is a failure in
+/// the report.
+pub(crate) fn rescan(
+    root: &HostRoot,
+    names: &[String],
+    progress: &dyn Progress,
+) -> Result<UnifyReport> {
+    let mut report = UnifyReport::default();
+    let mut guests = Vec::new();
+    for name in names {
+        match open_guest(root, name) {
+            Ok(g) => guests.push(g),
+            Err(e) => report.failures.push(Failure::guest(name, e.to_string())),
+        }
+    }
+    report.guests = guests.iter().map(|g| g.name.clone()).collect();
+    if guests.is_empty() {
+        return Ok(report);
+    }
+    let pool = io_pool(root)?;
+    progress.start(Phase::Scan, None);
+    scan_guests(root, &guests, &mut report, progress, &pool)?;
+    progress.finish();
     Ok(report)
 }
 
@@ -257,11 +294,16 @@ pub fn unify_tree(
 /// # Errors
 /// Index errors.
 pub fn forget_tree(root: &HostRoot, index_name: &str) -> Result<()> {
-    root.index.exec(
-        "DELETE FROM files WHERE guest_id IN (SELECT id FROM guests WHERE name = ?1)",
-        [index_name],
-    )?;
-    root.index
-        .exec("DELETE FROM guests WHERE name = ?1", [index_name])?;
+    let id: Option<i64> = root
+        .index
+        .conn
+        .query_row("SELECT id FROM guests WHERE name = ?1", [index_name], |r| {
+            r.get(0)
+        })
+        .ok();
+    if let Some(id) = id {
+        root.index.drop_rows(id)?;
+        root.index.exec("DELETE FROM guests WHERE id = ?1", [id])?;
+    }
     Ok(())
 }
