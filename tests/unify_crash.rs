@@ -17,15 +17,19 @@ use rand_chacha::ChaCha8Rng;
 
 use common::*;
 
-const GUESTS: usize = 12;
-const POOL: usize = 640;
-const UNIQUE: usize = 30;
+/// Guests of a distribution's size in files (a minbase has about 7,000), small in bytes so
+/// that comparing every guest after every kill stays cheap: the first run reads more than one
+/// window of the pipeline (16,384 inodes), and so does every run after it (see
+/// `UNSHARE_PER_RUN`).
+const GUESTS: usize = 10;
+const POOL: usize = 5_000;
+const UNIQUE: usize = 200;
 /// At least this many kills must land while `unify` is running.
-const MID_RUN_KILLS: usize = 20;
-const MAX_ATTEMPTS: usize = 60;
-const MAX_WINDOW: Duration = Duration::from_secs(4);
+const MID_RUN_KILLS: usize = 50;
+const MAX_ATTEMPTS: usize = 120;
+const MAX_WINDOW: Duration = Duration::from_secs(6);
 
-/// File contents shared by the fleet: `POOL` files of 4–64 KiB.
+/// File contents shared by the fleet: `POOL` files of 512 B–8 KiB.
 struct Pool {
     files: Vec<Vec<u8>>,
     seed: u64,
@@ -36,7 +40,7 @@ impl Pool {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let files = (0..POOL)
             .map(|_| {
-                let mut v = vec![0u8; rng.random_range(4 * 1024..=64 * 1024)];
+                let mut v = vec![0u8; rng.random_range(512..=8 * 1024)];
                 rng.fill_bytes(&mut v);
                 v
             })
@@ -53,11 +57,11 @@ fn fleet_guest(dir: &Path, g: usize, pool: &Pool) {
         if (i * 7 + g * 13).is_multiple_of(10) {
             continue;
         }
-        t.file(format!("usr/lib/pkg{:02}/f{i:04}.so", i / 32), bytes);
+        t.file(format!("usr/lib/pkg{:03}/f{i:04}.so", i / 32), bytes);
     }
     let mut rng = ChaCha8Rng::seed_from_u64(pool.seed ^ (0x5eed_0000 + g as u64));
     for u in 0..UNIQUE {
-        let mut v = vec![0u8; rng.random_range(4 * 1024..=64 * 1024)];
+        let mut v = vec![0u8; rng.random_range(512..=8 * 1024)];
         rng.fill_bytes(&mut v);
         t.file(format!("usr/local/unique/u{u:03}.bin"), &v);
     }
@@ -84,8 +88,9 @@ fn build_fleet(dir: &Path, pool: &Pool) -> PathBuf {
     root
 }
 
-/// Files rewritten as fresh inodes (same content and metadata) before each run after the first.
-const UNSHARE_PER_RUN: usize = 150;
+/// Files rewritten as fresh inodes (same content and metadata) before each run after the
+/// first: more than one window of the pipeline, so that kills land between windows too.
+const UNSHARE_PER_RUN: usize = 20_000;
 
 fn guest_names() -> Vec<String> {
     (0..GUESTS).map(|g| format!("guest{g:02}")).collect()

@@ -274,7 +274,15 @@ pub(crate) fn recover_template_builds(root: &HostRoot) -> Result<()> {
                     .join(&template)
                     .join(inner.file_name());
                 detach_mounts_below(&root.path().join(&rel));
-                let _ = remove_below_root(root, &rel);
+                // A killed build's tools die with it, but their death is asynchronous: one may
+                // still add a file for a moment. Retry for up to two seconds, then leave the
+                // rest to the next writer.
+                for _ in 0..20 {
+                    if remove_below_root(root, &rel).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
             }
         }
     }

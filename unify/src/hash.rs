@@ -19,23 +19,33 @@ const HASH_BATCH: i64 = 256;
 
 /// Which hash a stage computes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stage {
+enum Stage {
     Partial,
     Full,
 }
 
 /// One inode to read.
-struct Job {
+pub(crate) struct Job {
     ino: i64,
     guest_id: i64,
     path: Vec<u8>,
     size: u64,
     mtime_ns: i64,
     ctime_ns: i64,
+    /// Its size group (`size`, `mode`, `uid`, `gid`, `mt`).
+    group: (i64, i64, i64, i64, i64),
 }
 
+/// Full-hash jobs (inodes) per window at most; a window ends at a size group's end. Each
+/// window's paths are linked a directory batch at a time, journalling every directory it
+/// touches once: fewer, larger windows journal fewer directories twice, smaller ones overlap
+/// reading and linking sooner.
+const WINDOW_JOBS: usize = 16_384;
+/// Bytes per window at most (likewise).
+const WINDOW_BYTES: u64 = 1 << 30;
+
 /// What reading one inode gave.
-enum Hashed {
+pub(crate) enum Hashed {
     Partial(Hash32),
     Full {
         chash: Hash32,
@@ -45,14 +55,9 @@ enum Hashed {
     Changed,
 }
 
-pub(crate) fn hash_stage(
-    root: &HostRoot,
-    guests: &HashMap<i64, &OpenGuest>,
-    stage: Stage,
-    report: &mut UnifyReport,
-    progress: &dyn Progress,
-    pool: &rayon::ThreadPool,
-) -> Result<()> {
+/// Makes `temp.jobs`: the inodes `stage` must read, one row each, in size-group order.
+/// Returns their number and bytes.
+fn make_jobs(root: &HostRoot, stage: Stage) -> Result<(i64, i64)> {
     let idx = &root.index;
     let filter = match stage {
         Stage::Partial => {
@@ -71,29 +76,42 @@ pub(crate) fn hash_stage(
         .execute(
             &format!(
                 "CREATE TEMP TABLE jobs AS
-                 SELECT c.ino, c.guest_id, c.path, c.size, c.mtime_ns, c.ctime_ns
+                 SELECT c.ino, c.guest_id, c.path, c.size, c.mtime_ns, c.ctime_ns, c.mode, c.uid,
+                        c.gid, c.mt
                  FROM cand c JOIN sg USING (size, mode, uid, gid, mt)
-                 WHERE {filter} GROUP BY c.ino"
+                 WHERE {filter} GROUP BY c.ino ORDER BY c.size, c.mode, c.uid, c.gid, c.mt"
             ),
             named_params! {":pmin": PARTIAL_MIN_SIZE as i64},
         )
         .map_err(|e| idx.err(e))?;
-    let (count, bytes): (i64, i64) = idx
-        .conn
+    idx.conn
         .query_row(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM jobs",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
-        .map_err(|e| idx.err(e))?;
+        .map_err(|e| idx.err(e))
+}
+
+/// The partial-hash stage: first and last 4 KiB of the large files of size groups without an
+/// object, so only inodes whose partial hash repeats are read in full.
+///
+/// # Errors
+/// Index errors; a file that cannot be read is a failure in the report.
+pub(crate) fn partial_stage(
+    root: &HostRoot,
+    guests: &HashMap<i64, &OpenGuest>,
+    report: &mut UnifyReport,
+    progress: &dyn Progress,
+    pool: &rayon::ThreadPool,
+) -> Result<()> {
+    let stage = Stage::Partial;
+    let idx = &root.index;
+    let (count, _) = make_jobs(root, stage)?;
     if count == 0 {
         return Ok(());
     }
-    let total = match stage {
-        Stage::Partial => count as u64 * 2 * key::PARTIAL_BLOCK,
-        Stage::Full => bytes as u64,
-    };
-    progress.start(Phase::Hash, Some(total));
+    progress.start(Phase::Hash, Some(count as u64 * 2 * key::PARTIAL_BLOCK));
     let mut last = 0i64;
     loop {
         let jobs = read_jobs(&idx.conn, last).map_err(|e| idx.err(e))?;
@@ -103,49 +121,14 @@ pub(crate) fn hash_stage(
             jobs.par_iter()
                 .map(|(_, job)| {
                     let out = hash_job(guests[&job.guest_id], job, stage);
-                    progress.advance(match stage {
-                        Stage::Partial => 2 * key::PARTIAL_BLOCK,
-                        Stage::Full => job.size,
-                    });
+                    progress.advance(2 * key::PARTIAL_BLOCK);
                     (job, out)
                 })
                 .collect()
         });
         let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
         for (job, result) in results {
-            match result {
-                Ok(Hashed::Partial(p)) => {
-                    report.partial_hashed_files += 1;
-                    idx.exec(
-                        "UPDATE cand SET phash = ?2 WHERE ino = ?1",
-                        params![job.ino, &p[..]],
-                    )?;
-                }
-                Ok(Hashed::Full {
-                    chash,
-                    phash,
-                    xhash,
-                }) => {
-                    report.hashed_files += 1;
-                    report.hashed_bytes += job.size;
-                    let hashes = params![
-                        job.ino,
-                        &chash[..],
-                        phash.as_ref().map(|p| &p[..]),
-                        &xhash[..]
-                    ];
-                    idx.exec(
-                        "UPDATE cand SET chash = ?2, phash = ?3, xhash = ?4 WHERE ino = ?1",
-                        hashes,
-                    )?;
-                }
-                Ok(Hashed::Changed) => report.skipped_changed += 1,
-                Err(e) => report.failures.push(Failure::new(
-                    guests[&job.guest_id],
-                    &job.path,
-                    e.to_string(),
-                )),
-            }
+            record(idx, guests, job, result, report)?;
         }
         tx.commit().map_err(|e| idx.err(e))?;
     }
@@ -154,24 +137,190 @@ pub(crate) fn hash_stage(
 }
 
 fn read_jobs(conn: &Connection, after: i64) -> rusqlite::Result<Vec<(i64, Job)>> {
+    read_jobs_limit(conn, after, HASH_BATCH)
+}
+
+fn read_jobs_limit(conn: &Connection, after: i64, limit: i64) -> rusqlite::Result<Vec<(i64, Job)>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT rowid, ino, guest_id, path, size, mtime_ns, ctime_ns FROM jobs
-         WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+        "SELECT rowid, ino, guest_id, path, size, mtime_ns, ctime_ns, mode, uid, gid, mt
+         FROM jobs WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
     )?;
-    stmt.query_map(params![after, HASH_BATCH], |r| {
+    stmt.query_map(params![after, limit], |r| {
+        let size: i64 = r.get(4)?;
         Ok((
             r.get(0)?,
             Job {
                 ino: r.get(1)?,
                 guest_id: r.get(2)?,
                 path: r.get(3)?,
-                size: r.get::<_, i64>(4)? as u64,
+                size: size as u64,
                 mtime_ns: r.get(5)?,
                 ctime_ns: r.get(6)?,
+                group: (size, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?),
             },
         ))
     })?
     .collect()
+}
+
+/// The full-hash stage, read a window at a time so that each window's size groups can be
+/// planned and linked while the next window is read (see `unify::run`).
+pub(crate) struct FullHash {
+    /// The last job handed out.
+    last: i64,
+    /// Bytes to read in all.
+    pub bytes: u64,
+}
+
+impl FullHash {
+    /// Makes `temp.jobs` for the full hash (in size-group order) and puts into `temp.ready` the
+    /// size groups that need no reading at all (their members were hashed before, or none
+    /// needs it).
+    ///
+    /// # Errors
+    /// Index errors.
+    pub(crate) fn prepare(root: &HostRoot) -> Result<FullHash> {
+        let idx = &root.index;
+        let (_, bytes) = make_jobs(root, Stage::Full)?;
+        idx.conn
+            .execute_batch(
+                "CREATE INDEX temp.jobs_group ON jobs(size, mode, uid, gid, mt);
+                 INSERT OR IGNORE INTO ready SELECT size, mode, uid, gid, mt FROM sg
+                 WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.size = sg.size
+                     AND j.mode = sg.mode AND j.uid = sg.uid AND j.gid = sg.gid AND j.mt = sg.mt);",
+            )
+            .map_err(|e| idx.err(e))?;
+        Ok(FullHash {
+            last: 0,
+            bytes: bytes as u64,
+        })
+    }
+
+    /// The next window of jobs: up to [`WINDOW_JOBS`] or [`WINDOW_BYTES`], then on to the end
+    /// of the last size group, so that a window holds whole groups. `None` when done.
+    ///
+    /// # Errors
+    /// Index errors.
+    pub(crate) fn next_window(&mut self, root: &HostRoot) -> Result<Option<Vec<Job>>> {
+        let idx = &root.index;
+        let mut window: Vec<Job> = Vec::new();
+        let mut bytes = 0u64;
+        loop {
+            let batch =
+                read_jobs_limit(&idx.conn, self.last, HASH_BATCH).map_err(|e| idx.err(e))?;
+            if batch.is_empty() {
+                break;
+            }
+            let mut full = false;
+            for (rowid, job) in batch {
+                let past = window.len() >= WINDOW_JOBS || bytes >= WINDOW_BYTES;
+                if past && window.last().is_some_and(|j| j.group != job.group) {
+                    full = true;
+                    break;
+                }
+                self.last = rowid;
+                bytes += job.size;
+                window.push(job);
+            }
+            if full {
+                break;
+            }
+        }
+        Ok((!window.is_empty()).then_some(window))
+    }
+}
+
+/// Reads a window's jobs on the pool; no index access, so it runs beside the index writer.
+/// The results are in the jobs' order.
+pub(crate) fn hash_window(
+    guests: &HashMap<i64, &OpenGuest>,
+    jobs: &[Job],
+    progress: &dyn Progress,
+    pool: &rayon::ThreadPool,
+) -> Vec<Result<Hashed>> {
+    pool.install(|| {
+        jobs.par_iter()
+            .map(|job| {
+                let out = hash_job(guests[&job.guest_id], job, Stage::Full);
+                progress.advance(job.size);
+                out
+            })
+            .collect()
+    })
+}
+
+/// Records a window's full hashes in `temp.cand` (one transaction) and its size groups in
+/// `temp.ready`, for the planner.
+///
+/// # Errors
+/// Index errors.
+pub(crate) fn record_window(
+    root: &HostRoot,
+    guests: &HashMap<i64, &OpenGuest>,
+    jobs: &[Job],
+    results: Vec<Result<Hashed>>,
+    report: &mut UnifyReport,
+) -> Result<()> {
+    let idx = &root.index;
+    let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
+    for (job, result) in jobs.iter().zip(results) {
+        record(idx, guests, job, result, report)?;
+    }
+    let mut last = None;
+    for job in jobs {
+        if last != Some(job.group) {
+            let (size, mode, uid, gid, mt) = job.group;
+            idx.exec(
+                "INSERT OR IGNORE INTO ready(size, mode, uid, gid, mt) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![size, mode, uid, gid, mt],
+            )?;
+            last = Some(job.group);
+        }
+    }
+    tx.commit().map_err(|e| idx.err(e))
+}
+
+/// Records one job's outcome: its hashes in `temp.cand`, or a skip or failure in the report.
+fn record(
+    idx: &crate::index::Index,
+    guests: &HashMap<i64, &OpenGuest>,
+    job: &Job,
+    result: Result<Hashed>,
+    report: &mut UnifyReport,
+) -> Result<()> {
+    match result {
+        Ok(Hashed::Partial(p)) => {
+            report.partial_hashed_files += 1;
+            idx.exec(
+                "UPDATE cand SET phash = ?2 WHERE ino = ?1",
+                params![job.ino, &p[..]],
+            )?;
+        }
+        Ok(Hashed::Full {
+            chash,
+            phash,
+            xhash,
+        }) => {
+            report.hashed_files += 1;
+            report.hashed_bytes += job.size;
+            idx.exec(
+                "UPDATE cand SET chash = ?2, phash = ?3, xhash = ?4 WHERE ino = ?1",
+                params![
+                    job.ino,
+                    &chash[..],
+                    phash.as_ref().map(|p| &p[..]),
+                    &xhash[..]
+                ],
+            )?;
+        }
+        Ok(Hashed::Changed) => report.skipped_changed += 1,
+        Err(e) => report.failures.push(Failure::new(
+            guests[&job.guest_id],
+            &job.path,
+            e.to_string(),
+        )),
+    }
+    Ok(())
 }
 
 fn hash_job(guest: &OpenGuest, job: &Job, stage: Stage) -> Result<Hashed> {

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::fsx::Stat;
 
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Pages of SQLite's page cache (of the main connection): 8 MiB. The index of 500 guests is
 /// far larger; every query walks it in key order, so a bigger cache buys little and costs
@@ -64,14 +64,13 @@ CREATE VIEW IF NOT EXISTS paths AS
                 AS BLOB) AS path,
            f.*
     FROM files f JOIN dirs d ON d.id = f.dir;
--- One row per store object: store/objects/<name[0..2]>/<name>.
+-- One row per store object: store/objects/<name[0..2]>/<name>. Its key (in its name) holds
+-- its hashes; the metadata is kept for finding an object of a size group.
 CREATE TABLE IF NOT EXISTS objects(
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     kind INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    chash BLOB NOT NULL,
-    xhash BLOB NOT NULL,
     ign_mtime INTEGER NOT NULL,
     size INTEGER NOT NULL,
     mode INTEGER NOT NULL,
@@ -180,6 +179,22 @@ impl Index {
         }
         if version == 1 {
             migrate_v1(&conn).map_err(wrap)?;
+        }
+        if (1..=2).contains(&version) {
+            // Schema 3: objects no longer repeat the hashes their name's key is made of.
+            for column in ["chash", "xhash"] {
+                let there: bool = conn
+                    .query_row(
+                        "SELECT COUNT(*) > 0 FROM pragma_table_info('objects') WHERE name = ?1",
+                        [column],
+                        |r| r.get(0),
+                    )
+                    .map_err(wrap)?;
+                if there {
+                    conn.execute_batch(&format!("ALTER TABLE objects DROP COLUMN {column}"))
+                        .map_err(wrap)?;
+                }
+            }
         }
         conn.execute_batch(SCHEMA).map_err(wrap)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -400,6 +415,14 @@ mod tests {
         CREATE INDEX files_object ON files(object_id);
         CREATE TABLE journal(id INTEGER PRIMARY KEY, op TEXT NOT NULL, guest_id INTEGER,
                              path BLOB, value INTEGER);
+        CREATE TABLE objects(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+            kind INTEGER NOT NULL, seq INTEGER NOT NULL, chash BLOB NOT NULL,
+            xhash BLOB NOT NULL, ign_mtime INTEGER NOT NULL, size INTEGER NOT NULL,
+            mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL, blocks INTEGER NOT NULL, ino INTEGER NOT NULL);
+        CREATE INDEX objects_group ON objects(size, mode, uid, gid);
+        CREATE INDEX objects_ino ON objects(ino);
+        INSERT INTO objects VALUES (5, 'name.c0', 1, 0, x'00', x'00', 0, 4, 33188, 0, 0, 5, 8, 99);
         PRAGMA user_version = 1;";
 
     /// A row of schema 1 to write: guest, path, inode, object, original inode, content hash.
@@ -408,7 +431,7 @@ mod tests {
     type V2Row = (i64, Vec<u8>, Option<i64>, Option<Vec<u8>>, Option<i64>);
 
     #[test]
-    fn a_schema_1_index_is_rewritten_keeping_every_row() {
+    fn a_schema_1_index_is_rewritten_keeping_every_row_and_objects_lose_their_hashes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.db");
         {
@@ -462,6 +485,22 @@ mod tests {
             })
             .unwrap();
         assert_eq!(journal, 7);
+        let object: (String, i64) = idx
+            .conn
+            .query_row("SELECT name, ino FROM objects WHERE id = 5", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(object, ("name.c0".to_string(), 99));
+        let hashes: i64 = idx
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('objects') WHERE name LIKE '%hash'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(hashes, 0, "objects keep no hashes since schema 3");
         let version: i64 = idx
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))

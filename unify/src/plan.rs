@@ -39,91 +39,127 @@ struct Member {
     stat: Stat,
 }
 
-/// Picks or makes the object for every (key, marker) group and writes `temp.plan`.
-/// Returns the blocks of objects made by copying (they cost space).
-pub(crate) fn plan(
-    root: &HostRoot,
-    guests: &HashMap<i64, &OpenGuest>,
-    opts: &PlanOptions,
-    report: &mut UnifyReport,
-) -> Result<u64> {
-    let idx = &root.index;
-    idx.conn
-        .execute_batch(
-            "CREATE TEMP TABLE plan(
-                id INTEGER PRIMARY KEY, guest_id INTEGER, path BLOB, dir INTEGER, name BLOB,
-                object_id INTEGER,
-                object_name TEXT, object_ino INTEGER, ino INTEGER, nlink INTEGER, blocks INTEGER,
-                size INTEGER, mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER,
-                ctime_ns INTEGER);",
-        )
-        .map_err(|e| idx.err(e))?;
-    let mut planner = Planner {
-        root,
-        guests,
-        opts,
-        // The most links an object may have between runs: the user's cap, and one below the
-        // filesystem's limit so the temporary name always fits.
-        max_nlink: opts
-            .max_links
-            .unwrap_or(u64::MAX)
-            .min(root.link_max() - 1)
-            .max(2),
-        planned_links: HashMap::new(),
-        touched_immutable: BTreeSet::new(),
-        copied_blocks: 0,
-    };
-    let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
-    {
-        let mut stmt = idx
-            .conn
-            .prepare(
-                "SELECT guest_id, path, ino, nlink, size, blocks, mode, uid, gid, mtime_ns, ctime_ns,
-                        marker, chash, xhash, dir, name
-                 FROM cand WHERE chash IS NOT NULL AND xhash IS NOT NULL
-                 ORDER BY size, mode, uid, gid, mt, chash, xhash, marker, ino",
+impl<'a> Planner<'a> {
+    /// A planner for one run: makes `temp.plan` (the paths to replace, growing window by
+    /// window) and `temp.ready` (the size groups the next [`Planner::plan_ready`] plans).
+    ///
+    /// # Errors
+    /// Index errors.
+    pub(crate) fn new(
+        root: &'a HostRoot,
+        guests: &'a HashMap<i64, &'a OpenGuest>,
+        opts: &'a PlanOptions,
+    ) -> Result<Self> {
+        let idx = &root.index;
+        idx.conn
+            .execute_batch(
+                "DROP TABLE IF EXISTS temp.plan; DROP TABLE IF EXISTS temp.ready;
+                 CREATE TEMP TABLE plan(
+                    id INTEGER PRIMARY KEY, guest_id INTEGER, path BLOB, dir INTEGER, name BLOB,
+                    object_id INTEGER, object_name TEXT, object_ino INTEGER, ino INTEGER,
+                    nlink INTEGER, blocks INTEGER, size INTEGER, mode INTEGER, uid INTEGER,
+                    gid INTEGER, mtime_ns INTEGER, ctime_ns INTEGER);
+                 CREATE TEMP TABLE ready(size INTEGER, mode INTEGER, uid INTEGER, gid INTEGER,
+                    mt INTEGER, PRIMARY KEY(size, mode, uid, gid, mt)) WITHOUT ROWID;",
             )
             .map_err(|e| idx.err(e))?;
-        let mut rows = stmt.query([]).map_err(|e| idx.err(e))?;
-        let mut group: Vec<Member> = Vec::new();
-        let mut group_key: Option<(KeyParts, Marker)> = None;
-        loop {
-            let parsed = match rows.next().map_err(|e| idx.err(e))? {
-                Some(row) => {
-                    match read_member(row, root.dev(), opts.ignore_mtime).map_err(|e| idx.err(e))? {
-                        Some(parsed) => Some(parsed),
-                        None => continue,
+        Ok(Planner {
+            root,
+            guests,
+            opts,
+            // The most links an object may have between runs: the user's cap, and one below
+            // the filesystem's limit so the temporary name always fits.
+            max_nlink: opts
+                .max_links
+                .unwrap_or(u64::MAX)
+                .min(root.link_max() - 1)
+                .max(2),
+            planned_links: HashMap::new(),
+            touched_immutable: BTreeSet::new(),
+            unflagged: BTreeSet::new(),
+            copied_blocks: 0,
+        })
+    }
+
+    /// Blocks of the objects made by copying so far (they cost space).
+    pub(crate) fn copied_blocks(&self) -> u64 {
+        self.copied_blocks
+    }
+
+    /// Picks or makes the object of every (key, marker) group of the size groups in
+    /// `temp.ready` and appends their paths to `temp.plan`; empties `temp.ready`. The
+    /// immutable objects it will link lose their flag (journalled first; `restore_immutable`
+    /// sets it again).
+    ///
+    /// # Errors
+    /// Index and store errors; a group that cannot be planned is a failure in the report.
+    pub(crate) fn plan_ready(&mut self, report: &mut UnifyReport) -> Result<()> {
+        let root = self.root;
+        let idx = &root.index;
+        let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
+        {
+            let mut stmt = idx
+                .conn
+                .prepare_cached(
+                    "SELECT c.guest_id, c.path, c.ino, c.nlink, c.size, c.blocks, c.mode, c.uid,
+                            c.gid, c.mtime_ns, c.ctime_ns, c.marker, c.chash, c.xhash, c.dir,
+                            c.name
+                     FROM ready r JOIN cand c USING (size, mode, uid, gid, mt)
+                     WHERE c.chash IS NOT NULL AND c.xhash IS NOT NULL
+                     ORDER BY c.size, c.mode, c.uid, c.gid, c.mt, c.chash, c.xhash, c.marker,
+                              c.ino",
+                )
+                .map_err(|e| idx.err(e))?;
+            let mut rows = stmt.query([]).map_err(|e| idx.err(e))?;
+            let mut group: Vec<Member> = Vec::new();
+            let mut group_key: Option<(KeyParts, Marker)> = None;
+            loop {
+                let parsed = match rows.next().map_err(|e| idx.err(e))? {
+                    Some(row) => {
+                        match read_member(row, root.dev(), self.opts.ignore_mtime)
+                            .map_err(|e| idx.err(e))?
+                        {
+                            Some(parsed) => Some(parsed),
+                            None => continue,
+                        }
                     }
+                    None => None,
+                };
+                let boundary = match (&parsed, &group_key) {
+                    (Some((p, m, _)), Some((gp, gm))) => p != gp || m != gm,
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                };
+                if boundary && let Some((parts, marker)) = group_key.take() {
+                    self.group(&parts, marker, &group, report);
+                    group.clear();
                 }
-                None => None,
-            };
-            let boundary = match (&parsed, &group_key) {
-                (Some((p, m, _)), Some((gp, gm))) => p != gp || m != gm,
-                (None, _) => true,
-                (Some(_), None) => false,
-            };
-            if boundary && let Some((parts, marker)) = group_key.take() {
-                planner.group(&parts, marker, &group, report);
-                group.clear();
-            }
-            match parsed {
-                Some((parts, marker, member)) => {
-                    group_key = Some((parts, marker));
-                    group.push(member);
+                match parsed {
+                    Some((parts, marker, member)) => {
+                        group_key = Some((parts, marker));
+                        group.push(member);
+                    }
+                    None => break,
                 }
-                None => break,
             }
         }
+        idx.exec("DELETE FROM ready", [])?;
+        let newly: Vec<String> = self
+            .touched_immutable
+            .difference(&self.unflagged)
+            .cloned()
+            .collect();
+        for name in &newly {
+            store::journal_mutable(root, name)?;
+        }
+        tx.commit().map_err(|e| idx.err(e))?;
+        // Journalled and committed: now the flags may come off for linking.
+        for name in newly {
+            store::set_object_immutable(root, &name, false)?;
+            self.unflagged.insert(name);
+        }
+        Ok(())
     }
-    for name in &planner.touched_immutable {
-        store::journal_mutable(root, name)?;
-    }
-    tx.commit().map_err(|e| idx.err(e))?;
-    // Journalled and committed: now the flags may come off for linking.
-    for name in &planner.touched_immutable {
-        store::set_object_immutable(root, name, false)?;
-    }
-    Ok(planner.copied_blocks)
 }
 
 /// One `cand` row as a group member with its key parts, or `None` if its hashes are malformed.
@@ -159,8 +195,8 @@ fn read_member(
     Ok(Some((parts, marker, member)))
 }
 
-/// The run-wide state of the planning pass.
-struct Planner<'a> {
+/// The run-wide state of planning, window after window.
+pub(crate) struct Planner<'a> {
     root: &'a HostRoot,
     guests: &'a HashMap<i64, &'a OpenGuest>,
     opts: &'a PlanOptions,
@@ -170,6 +206,8 @@ struct Planner<'a> {
     planned_links: HashMap<String, u64>,
     /// Immutable objects this run links to: their flag comes off for the run.
     touched_immutable: BTreeSet<String>,
+    /// Of those, the ones whose flag is off already.
+    unflagged: BTreeSet<String>,
     /// Blocks of objects made by copying.
     copied_blocks: u64,
 }

@@ -13,7 +13,7 @@ use crate::error::{Error, PathContext, Result};
 use crate::fsx::{self, Stat};
 use crate::guest::OpenGuest;
 use crate::index;
-use crate::progress::{Phase, Progress};
+use crate::progress::Progress;
 use crate::release::Releaser;
 use crate::report::{Failure, LinkedPath, UnifyReport};
 use crate::root::HostRoot;
@@ -44,7 +44,7 @@ fn read_steps(conn: &Connection, after: i64, dev: u64) -> rusqlite::Result<Vec<S
     let mut stmt = conn.prepare_cached(
         "SELECT id, guest_id, path, object_id, object_name, object_ino, ino, nlink, size, blocks,
                 mode, uid, gid, mtime_ns, ctime_ns, dir, name
-         FROM plan WHERE id > ?1 ORDER BY id LIMIT ?2",
+         FROM work WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
     stmt.query_map(params![after, CHUNK], |r| {
         Ok(Step {
@@ -79,131 +79,178 @@ type OpenDirs = BTreeMap<(i64, Vec<u8>), OpenedDir>;
 /// What the replacements of one batch came to: the index of each step and its outcome.
 type Outcomes = Vec<(usize, Result<Outcome>)>;
 
-/// Replaces every planned path by a link to its object, a directory batch at a time; returns
-/// the bytes freed (inodes all of whose links were replaced).
-///
-/// # Algorithm
-/// Batches of [`CHUNK`] plan rows in path order. For each batch, on this thread: open and
-/// journal (mtime, committed) every directory not already open from the previous batch. Then
-/// the batch's replacements ([`replace_one`]) run on the I/O pool while this thread finishes
-/// the previous batch: puts back the mtimes of its directories that the new batch does not
-/// touch, and records its links in the index (one transaction). So the index writes, which
-/// are serial, overlap the link syscalls instead of following them.
-///
-/// # Errors
-/// Index errors abort (every finished replacement stands and is safe; the journal puts the
-/// directory mtimes back on the next run). A path that cannot be replaced is reported in
-/// `report.failures`.
-pub(crate) fn replace_all(
-    root: &HostRoot,
-    guests: &HashMap<i64, &OpenGuest>,
+/// Replaces planned paths by links to their objects, as the plan grows: each
+/// [`Replacer::replace_new`] takes the rows planned since the last one (a window of the
+/// pipeline). Owns what lives across windows: the closer threads, the count of freed inodes,
+/// the ctimes of hardlink groups in progress.
+pub(crate) struct Replacer<'a> {
+    root: &'a HostRoot,
+    guests: &'a HashMap<i64, &'a OpenGuest>,
     list_paths: bool,
-    report: &mut UnifyReport,
-    progress: &dyn Progress,
-    pool: &rayon::ThreadPool,
-) -> Result<u64> {
-    let idx = &root.index;
-    // Sort the plan by directory so each directory is opened and journalled once per batch.
-    idx.conn
-        .execute_batch(
-            "CREATE TEMP TABLE plan_sorted AS SELECT * FROM plan ORDER BY guest_id, path;
-             DELETE FROM plan; INSERT INTO plan SELECT NULL, guest_id, path, dir, name, object_id,
-               object_name, object_ino, ino, nlink, blocks, size, mode, uid, gid, mtime_ns,
-               ctime_ns
-             FROM plan_sorted ORDER BY guest_id, path; DROP TABLE plan_sorted;",
-        )
-        .map_err(|e| idx.err(e))?;
-    let total: i64 = idx
-        .conn
-        .query_row("SELECT COUNT(*) FROM plan", [], |r| r.get(0))
-        .map_err(|e| idx.err(e))?;
-    if total == 0 {
-        return Ok(0);
-    }
-    progress.start(Phase::Link, Some(total as u64));
-    // Dropped at the end of this function, after the last close of a replaced inode.
-    let releaser = Releaser::new(CLOSERS);
-    let mut freed = Freed::default();
-    let objects = ObjectsDir {
-        fd: root.objects_fd(),
-        path: root.objects_dir(),
-    };
-    let mut ctimes: HashMap<u64, i64> = HashMap::new();
-    let mut open = OpenDirs::new();
-    // The previous batch: its steps and outcomes, finished while the next one runs.
-    let mut previous: Option<(Vec<Step>, Outcomes)> = None;
-    let mut last = 0i64;
-    for batch in 1u64.. {
-        let steps = read_steps(&idx.conn, last, root.dev()).map_err(|e| idx.err(e))?;
-        if let Some(step) = steps.last() {
-            last = step.id;
-        }
+    pool: &'a rayon::ThreadPool,
+    /// Dropped with the replacer, after the last close of a replaced inode.
+    releaser: Releaser,
+    freed: Freed,
+    ctimes: HashMap<u64, i64>,
+    /// The last plan row handed to a window.
+    cursor: i64,
+}
 
-        // Open and journal the batch's new directories before touching any.
-        let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
-        for s in &steps {
-            let key = (s.guest_id, fsx::split_parent(&s.path).0.to_vec());
-            if let Some(dir) = open.get_mut(&key) {
-                dir.batch = batch;
-                continue;
+impl<'a> Replacer<'a> {
+    pub(crate) fn new(
+        root: &'a HostRoot,
+        guests: &'a HashMap<i64, &'a OpenGuest>,
+        list_paths: bool,
+        pool: &'a rayon::ThreadPool,
+    ) -> Self {
+        Replacer {
+            root,
+            guests,
+            list_paths,
+            pool,
+            releaser: Releaser::new(CLOSERS),
+            freed: Freed::default(),
+            ctimes: HashMap::new(),
+            cursor: 0,
+        }
+    }
+
+    /// The bytes freed so far (inodes all of whose links were replaced).
+    pub(crate) fn freed_bytes(&self) -> u64 {
+        self.freed.bytes()
+    }
+
+    /// Replaces every path planned since the last call by a link to its object, a directory
+    /// batch at a time; every directory it touched has its mtime back when it returns.
+    ///
+    /// # Algorithm
+    /// The new plan rows are copied to `temp.work` in path order. Batches of [`CHUNK`] rows:
+    /// for each, on this thread, open and journal (mtime, committed) every directory not
+    /// already open from the previous batch. Then the batch's replacements ([`replace_one`])
+    /// run on the I/O pool while this thread finishes the previous batch: puts back the mtimes
+    /// of its directories that the new batch does not touch, and records its links in the
+    /// index (one transaction). So the index writes, which are serial, overlap the link
+    /// syscalls instead of following them.
+    ///
+    /// # Errors
+    /// Index errors abort (every finished replacement stands and is safe; the journal puts the
+    /// directory mtimes back on the next run). A path that cannot be replaced is reported in
+    /// `report.failures`.
+    pub(crate) fn replace_new(
+        &mut self,
+        report: &mut UnifyReport,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let root = self.root;
+        let guests = self.guests;
+        let idx = &root.index;
+        // In path order, so each directory is opened and journalled once per batch.
+        idx.conn
+            .execute_batch(
+                "DROP TABLE IF EXISTS temp.work;
+                 CREATE TEMP TABLE work(id INTEGER PRIMARY KEY, guest_id INTEGER, path BLOB,
+                     dir INTEGER, name BLOB, object_id INTEGER, object_name TEXT,
+                     object_ino INTEGER, ino INTEGER, nlink INTEGER, blocks INTEGER, size INTEGER,
+                     mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER, ctime_ns INTEGER);",
+            )
+            .map_err(|e| idx.err(e))?;
+        idx.exec(
+            "INSERT INTO work SELECT NULL, guest_id, path, dir, name, object_id, object_name,
+                 object_ino, ino, nlink, blocks, size, mode, uid, gid, mtime_ns, ctime_ns
+             FROM plan WHERE id > ?1 AND object_id IS NOT NULL ORDER BY guest_id, path",
+            [self.cursor],
+        )?;
+        self.cursor = idx
+            .conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM plan", [], |r| r.get(0))
+            .map_err(|e| idx.err(e))?;
+        let objects = ObjectsDir {
+            fd: root.objects_fd(),
+            path: root.objects_dir(),
+        };
+        let mut open = OpenDirs::new();
+        // The previous batch: its steps and outcomes, finished while the next one runs.
+        let mut previous: Option<(Vec<Step>, Outcomes)> = None;
+        let mut last = 0i64;
+        for batch in 1u64.. {
+            let steps = read_steps(&idx.conn, last, root.dev()).map_err(|e| idx.err(e))?;
+            if let Some(step) = steps.last() {
+                last = step.id;
             }
-            let guest = guests[&s.guest_id];
-            let state = guest
-                .open_parent(&s.path)
-                .and_then(|fd| {
-                    let mtime = fsx::fstat(&fd).at(guest.host_path(&key.1))?.mtime_ns;
-                    Ok((fd, mtime))
-                })
-                .map_err(|e| e.to_string());
-            let state = match state {
-                Ok((fd, mtime)) => {
-                    idx.exec(
-                        "INSERT INTO journal(op, guest_id, path, value) VALUES ('dir', ?1, ?2, ?3)",
-                        params![key.0, key.1, mtime],
-                    )?;
-                    Ok((fd, mtime, idx.conn.last_insert_rowid()))
-                }
-                Err(e) => Err(e),
-            };
-            open.insert(key, OpenedDir { state, batch });
-        }
-        tx.commit().map_err(|e| idx.err(e))?;
-        // Directories the new batch does not touch: done once the previous batch is.
-        let retired: OpenDirs;
-        (open, retired) = std::mem::take(&mut open)
-            .into_iter()
-            .partition(|(_, d)| d.batch == batch);
 
-        let open = &open;
-        let objects = &objects;
-        let releaser = &releaser;
-        let ctimes = &mut ctimes;
-        let outcomes = std::thread::scope(|scope| -> Result<_> {
-            let running = scope
-                .spawn(|| replace_batch(&steps, open, objects, guests, ctimes, releaser, pool));
-            let finished = finish_batch(
-                root,
-                guests,
-                list_paths,
-                previous.take(),
-                retired,
-                report,
-                &mut freed,
-            );
-            let outcomes = running.join().map_err(|_| Error::Io {
-                path: root.path().to_path_buf(),
-                error: std::io::Error::other("a replacement thread panicked"),
+            // Open and journal the batch's new directories before touching any.
+            let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
+            for s in &steps {
+                let key = (s.guest_id, fsx::split_parent(&s.path).0.to_vec());
+                if let Some(dir) = open.get_mut(&key) {
+                    dir.batch = batch;
+                    continue;
+                }
+                let guest = guests[&s.guest_id];
+                let state = guest
+                    .open_parent(&s.path)
+                    .and_then(|fd| {
+                        let mtime = fsx::fstat(&fd).at(guest.host_path(&key.1))?.mtime_ns;
+                        Ok((fd, mtime))
+                    })
+                    .map_err(|e| e.to_string());
+                let state = match state {
+                    Ok((fd, mtime)) => {
+                        idx.exec(
+                            "INSERT INTO journal(op, guest_id, path, value)
+                             VALUES ('dir', ?1, ?2, ?3)",
+                            params![key.0, key.1, mtime],
+                        )?;
+                        Ok((fd, mtime, idx.conn.last_insert_rowid()))
+                    }
+                    Err(e) => Err(e),
+                };
+                open.insert(key, OpenedDir { state, batch });
+            }
+            tx.commit().map_err(|e| idx.err(e))?;
+            // Directories the new batch does not touch: done once the previous batch is.
+            let retired: OpenDirs;
+            (open, retired) = std::mem::take(&mut open)
+                .into_iter()
+                .partition(|(_, d)| d.batch == batch);
+            // An inode whose every link is replaced is not seen again: its ctime can go.
+            for ino in self.freed.take_done() {
+                self.ctimes.remove(&ino);
+            }
+
+            let open = &open;
+            let objects = &objects;
+            let releaser = &self.releaser;
+            let ctimes = &mut self.ctimes;
+            let pool = self.pool;
+            let freed = &mut self.freed;
+            let list_paths = self.list_paths;
+            let outcomes = std::thread::scope(|scope| -> Result<_> {
+                let running = scope
+                    .spawn(|| replace_batch(&steps, open, objects, guests, ctimes, releaser, pool));
+                let finished = finish_batch(
+                    root,
+                    guests,
+                    list_paths,
+                    previous.take(),
+                    retired,
+                    report,
+                    freed,
+                );
+                let outcomes = running.join().map_err(|_| Error::Io {
+                    path: root.path().to_path_buf(),
+                    error: std::io::Error::other("a replacement thread panicked"),
+                })?;
+                finished.map(|()| outcomes)
             })?;
-            finished.map(|()| outcomes)
-        })?;
-        if steps.is_empty() {
-            break;
+            if steps.is_empty() {
+                break;
+            }
+            progress.advance(steps.len() as u64);
+            previous = Some((steps, outcomes));
         }
-        progress.advance(steps.len() as u64);
-        previous = Some((steps, outcomes));
+        Ok(())
     }
-    progress.finish();
-    Ok(freed.bytes())
 }
 
 /// Steps with their index in the batch.
@@ -399,25 +446,44 @@ fn replace_one(
     Ok(Outcome::Linked)
 }
 
-/// The inodes whose links a run replaced: per inode, links replaced, `nlink` and `st_blocks`
-/// as hashed. An inode is freed once all its links are replaced.
+/// What the replacements freed: inodes all of whose links were replaced. A single-link inode
+/// is counted at once; an inode with several links is followed until its last link is
+/// replaced, then forgotten, so memory holds only the hardlink groups in progress, never one
+/// entry per file.
 #[derive(Default)]
-struct Freed(HashMap<u64, (u64, u64, u64)>);
+struct Freed {
+    /// Bytes of the inodes freed so far.
+    bytes: u64,
+    /// Per inode with several links: links replaced, `nlink` and `st_blocks` as hashed.
+    partial: HashMap<u64, (u64, u64, u64)>,
+    /// Inodes whose last link was replaced since the last [`Freed::take_done`].
+    done: Vec<u64>,
+}
 
 impl Freed {
     fn add(&mut self, then: &Stat) {
-        let e = self.0.entry(then.ino).or_insert((0, 0, 0));
+        if then.nlink <= 1 {
+            self.bytes += then.blocks * 512;
+            return;
+        }
+        let e = self.partial.entry(then.ino).or_insert((0, 0, 0));
         e.0 += 1;
         e.1 = e.1.max(then.nlink);
         e.2 = e.2.max(then.blocks);
+        if e.0 >= e.1 {
+            self.bytes += e.2 * 512;
+            self.partial.remove(&then.ino);
+            self.done.push(then.ino);
+        }
+    }
+
+    /// The inodes completed since the last call (their ctimes are no longer needed).
+    fn take_done(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.done)
     }
 
     /// Bytes of the inodes freed.
     fn bytes(&self) -> u64 {
-        self.0
-            .values()
-            .filter(|(n, nlink, _)| n >= nlink)
-            .map(|(_, _, blocks)| blocks * 512)
-            .sum()
+        self.bytes
     }
 }

@@ -150,15 +150,13 @@ pub(crate) fn record_object(
         None => {
             let p = spec.parts;
             idx.exec(
-                "INSERT INTO objects(name, kind, seq, chash, xhash, ign_mtime, size, mode, uid, gid,
-                                     mtime_ns, blocks, ino)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                "INSERT INTO objects(name, kind, seq, ign_mtime, size, mode, uid, gid, mtime_ns,
+                                     blocks, ino)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     name,
                     spec.kind.code(),
                     seq,
-                    &p.chash[..],
-                    &p.xhash[..],
                     spec.ign_mtime,
                     p.size as i64,
                     p.mode,

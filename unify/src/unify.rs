@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use crate::candidates::build_candidates;
 use crate::error::{Error, PathContext, Result};
 use crate::guest::{OpenGuest, check_offline, guest_names, guest_record, open_guest, open_tree};
-use crate::hash::{Stage, hash_stage, keep_hashes};
+use crate::hash::{FullHash, Job, hash_window, keep_hashes, partial_stage, record_window};
 use crate::mountinfo::MountTable;
-use crate::plan::{PlanOptions, list_planned, plan, planned_savings};
+use crate::plan::{PlanOptions, Planner, list_planned, planned_savings};
 use crate::policy::PolicyFile;
-use crate::progress::{Phase, Progress};
-use crate::replace::replace_all;
+use crate::progress::{NoProgress, Phase, Progress};
+use crate::replace::Replacer;
 use crate::report::{Failure, UnifyReport};
 use crate::root::HostRoot;
 use crate::scan::scan_guests;
@@ -155,21 +155,31 @@ fn run(
         opts.every_file,
     )?;
     lap(&mut report, "group");
-    hash_stage(root, &by_id, Stage::Partial, &mut report, progress, &pool)?;
-    hash_stage(root, &by_id, Stage::Full, &mut report, progress, &pool)?;
-    lap(&mut report, "hash");
+    partial_stage(root, &by_id, &mut report, progress, &pool)?;
+    lap(&mut report, "partial");
     let plan_opts = PlanOptions {
         dry_run: opts.dry_run,
         ignore_mtime: opts.ignore_mtime,
         max_links: opts.max_links,
         every_file: opts.every_file,
     };
-    let copied_blocks = plan(root, &by_id, &plan_opts, &mut report)?;
-    lap(&mut report, "plan");
-    if !opts.dry_run {
-        let freed = replace_all(root, &by_id, opts.list_paths, &mut report, progress, &pool)?;
-        report.saved_bytes = freed.saturating_sub(copied_blocks * 512);
-        lap(&mut report, "link");
+    let mut planner = Planner::new(root, &by_id, &plan_opts)?;
+    let mut replacer = (!opts.dry_run).then(|| Replacer::new(root, &by_id, opts.list_paths, &pool));
+    pipeline(
+        root,
+        &by_id,
+        &mut planner,
+        replacer.as_mut(),
+        &mut report,
+        progress,
+        &pool,
+    )?;
+    lap(&mut report, "hash+link");
+    let copied_blocks = planner.copied_blocks();
+    if let Some(replacer) = replacer {
+        report.saved_bytes = replacer.freed_bytes().saturating_sub(copied_blocks * 512);
+        // Dropping the replacer waits for the last replaced inode to be freed.
+        drop(replacer);
         for e in store::restore_immutable(root)? {
             report.failures.push(Failure {
                 guest: String::new(),
@@ -190,12 +200,77 @@ fn run(
         if opts.list_paths {
             list_planned(root, &by_id, &mut report)?;
         }
-    }
-    if opts.dry_run {
         report.saved_bytes = planned_savings(root)?.saturating_sub(copied_blocks * 512);
     }
     keep_hashes(root)?;
     Ok(report)
+}
+
+/// The full hash, plan and replace, overlapped: the size groups are read a window at a time
+/// ([`FullHash`]), and while one window is read on the I/O pool, this thread records the hashes
+/// of the window before, plans its groups and replaces their paths (the link syscalls on the
+/// same pool). So the disk reads while the linker links, instead of idling after the last
+/// read until every path is linked.
+///
+/// # Algorithm
+/// Groups that need no reading (hashed by an earlier run) are planned first, while the first
+/// window is read. Then, window after window: join the reader of window k, record its hashes
+/// in `temp.cand` and its groups in `temp.ready`, start the reader of window k+1, plan the
+/// ready groups ([`Planner::plan_ready`]) and replace their paths ([`Replacer::replace_new`]).
+/// Every guarantee of the replace step holds per path, as in a run of one window; memory holds
+/// one window of jobs and one of results.
+///
+/// # Errors
+/// Index errors abort (what is linked stays linked and safe); per-file failures are reported.
+fn pipeline(
+    root: &HostRoot,
+    guests: &HashMap<i64, &OpenGuest>,
+    planner: &mut Planner<'_>,
+    mut replacer: Option<&mut Replacer<'_>>,
+    report: &mut UnifyReport,
+    progress: &dyn Progress,
+    pool: &rayon::ThreadPool,
+) -> Result<()> {
+    let mut full = FullHash::prepare(root)?;
+    progress.start(Phase::Hash, Some(full.bytes));
+    let mut link = |planner: &mut Planner<'_>, report: &mut UnifyReport| -> Result<()> {
+        let clock = std::time::Instant::now();
+        planner.plan_ready(report)?;
+        let planned = clock.elapsed().as_secs_f64();
+        *report.seconds.entry("plan").or_default() += planned;
+        if let Some(replacer) = replacer.as_deref_mut() {
+            replacer.replace_new(report, &NoProgress)?;
+        }
+        *report.seconds.entry("link").or_default() += clock.elapsed().as_secs_f64() - planned;
+        Ok(())
+    };
+    let mut window = full.next_window(root)?;
+    std::thread::scope(|scope| -> Result<()> {
+        let read = |jobs: Vec<Job>| {
+            scope.spawn(move || {
+                let clock = std::time::Instant::now();
+                let results = hash_window(guests, &jobs, progress, pool);
+                (jobs, results, clock.elapsed().as_secs_f64())
+            })
+        };
+        let mut reading = window.take().map(read);
+        // What needs no reading goes while the first window is read.
+        link(planner, report)?;
+        while let Some(reader) = reading.take() {
+            let (jobs, results, seconds) = reader.join().map_err(|_| Error::Io {
+                path: root.path().to_path_buf(),
+                error: std::io::Error::other("a hashing thread panicked"),
+            })?;
+            *report.seconds.entry("hash").or_default() += seconds;
+            record_window(root, guests, &jobs, results, report)?;
+            drop(jobs);
+            reading = full.next_window(root)?.map(read);
+            link(planner, report)?;
+        }
+        Ok(())
+    })?;
+    progress.finish();
+    Ok(())
 }
 
 /// The pool of I/O threads of a run. The phases wait on the disk more than on the CPU: they

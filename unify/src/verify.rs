@@ -400,15 +400,13 @@ fn rekey(root: &HostRoot, name: &str, parts: &KeyParts, st: &Stat) -> Result<Str
     )?;
     idx.exec("DELETE FROM objects WHERE name = ?1", [&new_name])?;
     let updated = idx.exec(
-        "UPDATE objects SET name = ?2, seq = ?3, chash = ?4, xhash = ?5, size = ?6, mode = ?7,
-                            uid = ?8, gid = ?9, mtime_ns = ?10, blocks = ?11, ino = ?12
+        "UPDATE objects SET name = ?2, seq = ?3, size = ?4, mode = ?5, uid = ?6, gid = ?7,
+                            mtime_ns = ?8, blocks = ?9, ino = ?10
          WHERE name = ?1",
         rusqlite::params![
             name,
             new_name,
             seq,
-            &parts.chash[..],
-            &parts.xhash[..],
             st.size as i64,
             st.mode,
             st.uid,
