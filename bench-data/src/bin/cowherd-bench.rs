@@ -1,10 +1,13 @@
 //! `cowherd-bench`: runs cowherd and its peers (hardlink, rdfind, jdupes, fclones) on fresh
-//! copies of one generated guest set and writes a Markdown and JSON table of time, peak RSS,
-//! bytes on disk, paths linked, wrong links and whether the guests still look the same.
+//! copies of one generated guest set, in interleaved rounds, and writes a Markdown and JSON
+//! table of time (median and range over the rounds, and the median of each peer's pairwise
+//! ratio to the cowherd run next to it), peak RSS, index size, bytes on disk, paths linked,
+//! wrong links and whether the guests still look the same, with the read bound measured before
+//! the first round and after the last.
 //!
 //! ```sh
-//! bench-data/run --guests 10 --files-per-guest 10000 --markdown /tmp/bench.md
-//! bench-data/run --scale 10,20,40          # cowherd alone at several sizes
+//! bench-data/run --guests 10 --files-per-guest 10000 --rounds 3 --markdown /tmp/bench.md
+//! bench-data/run --guests 40 --scale 40,100,250,500   # cowherd alone; clones beyond 40 guests
 //! bench-data/run build --count 100          # guests from a template: cowherd build vs mmdebstrap, cp -a, cp -al
 //! ```
 
@@ -26,8 +29,10 @@ use cowherd_benchdata::harness::build::{
 use cowherd_benchdata::harness::du::{DiskCounter, Usage, disk_usage};
 use cowherd_benchdata::harness::manifest::{self, Manifest};
 use cowherd_benchdata::harness::report::{
-    self, Machine, ReadBound, Report, Run, ScalePoint, SetInfo, ToolResult,
+    self, ChangedGuest, Checks, Machine, ReadBound, Report, Run, ScalePoint, SetInfo, ToolResult,
+    ToolRun,
 };
+use cowherd_benchdata::harness::{scale, schedule};
 use cowherd_benchdata::{RealSpec, Role, SynthSpec, Template, generate_real, generate_synthetic};
 use rayon::prelude::*;
 
@@ -43,7 +48,25 @@ dpkg_conffiles = false\n";
 #[command(
     name = "cowherd-bench",
     about = "Benchmark cowherd against hardlink, rdfind, jdupes and fclones on fresh copies of \
-             one generated guest set"
+             one generated guest set, in interleaved rounds",
+    long_about = "Benchmark cowherd against hardlink, rdfind, jdupes and fclones on fresh copies of \
+one generated guest set.\n\n\
+The main table runs the tools in interleaved rounds (--rounds): in each round every tool runs \
+twice (1st run, then a 2nd over the unchanged guests) on its own fresh `cp -a` copy of the \
+master set, with the page cache dropped before every run. The peers run two at a time around a \
+cowherd run (peer, cowherd, peer; a peer left over alternates sides from round to round) and \
+the peer order rotates by one each round, so no tool systematically runs after the heavy I/O \
+of another. Each tool gets its median (and range) of 1st run, 2nd run and peak RSS; each peer \
+the median of its pairwise ratios to the cowherd run adjacent to it. The read bound (every \
+candidate byte read once) is timed before the first round and after the last. The checks \
+(guests identical after, wrong links, directory mtimes) are made on each tool's first copy of \
+round 1.\n\n\
+--scale N,M,… runs cowherd alone at each guest count in a fresh root: the first --guests \
+guests are real copies of the master set, further guests hardlink clones of them (`cp -al`) \
+with private, changed copies of their identity files and a few logs, configs and user files. \
+Each point times, cold: the 1st run, a `find ROOT/guests/*/base -type f` walk, the 2nd run \
+over the unchanged guests, the walk again, and `cowherd unify G` after ~200 files of one guest were \
+rewritten; and reports peak RSS and the index's size per file."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -151,7 +174,8 @@ struct Args {
     /// Where the guest set comes from.
     #[arg(long, value_enum, default_value_t = Source::Synthetic)]
     source: Source,
-    /// Number of guests.
+    /// Number of guests of the master set (with --scale: the real copies; larger counts are
+    /// made of clones of them).
     #[arg(long, default_value_t = 10)]
     guests: usize,
     /// Base files per synthetic guest [default: 10000].
@@ -163,7 +187,8 @@ struct Args {
     /// Output directory: master set, copies, template cache.
     #[arg(long, default_value = "/var/tmp/cowherd-bench")]
     out: PathBuf,
-    /// Tools to run, in order.
+    /// Tools to run. cowherd (else cowherd-default) is the reference every other tool is
+    /// paired with; the others run in this order in round 1, rotated by one place each round.
     #[arg(
         long,
         value_enum,
@@ -177,10 +202,21 @@ struct Args {
     /// Write the report as Markdown to this file (it is also printed).
     #[arg(long)]
     markdown: Option<PathBuf>,
-    /// Keep the master set and the tools' copies.
+    /// Interleaved rounds of the main table: each gives every tool a fresh copy and runs it
+    /// twice [default: 3 with --source real, 1 with synthetic].
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Keep the master set (the next run with the same set and --out reuses it) and the runs'
+    /// logs (OUT/work/logs).
     #[arg(long)]
     keep: bool,
-    /// Run cowherd only, at these guest counts (e.g. 10,20,40), and report time and RSS.
+    /// Also keep the tools' copies of the last round (with --scale: the last point's root);
+    /// implies --keep. A real 40-guest set takes ~2.4 GiB a copy after a tool ran.
+    #[arg(long)]
+    keep_copies: bool,
+    /// Run cowherd only, at these guest counts (e.g. 40,100,250,500), each in a fresh root:
+    /// real copies up to --guests, hardlink clones with per-guest divergence beyond. Reports
+    /// 1st run, 2nd run, cold find, `unify G` of one changed guest, peak RSS and index size.
     #[arg(long, value_delimiter = ',')]
     scale: Vec<usize>,
     /// Debian suites of the real templates.
@@ -189,7 +225,8 @@ struct Args {
     /// Roles of the real templates (minbase, web, db, dev).
     #[arg(long, value_delimiter = ',', default_value = "minbase,web,db,dev")]
     roles: Vec<Role>,
-    /// Skip the read-every-candidate-byte bound.
+    /// Skip the read-every-candidate-byte bound (timed before the first round and after the
+    /// last).
     #[arg(long)]
     no_read_bound: bool,
 }
@@ -307,6 +344,11 @@ fn check_programs(args: &Args, cowherd: Option<&Path>, tools: &[Tool]) -> Result
     }
     for needed in ["cp", "bash", "findmnt"] {
         find_program(needed).ok_or_else(|| missing(needed))?;
+    }
+    if !args.scale.is_empty() {
+        for needed in ["find", "wc"] {
+            find_program(needed).ok_or_else(|| missing(needed))?;
+        }
     }
     if args.source == Source::Real {
         for needed in ["mmdebstrap", "tar"] {
@@ -682,111 +724,421 @@ fn json_u64(path: &Path, field: &str) -> Option<u64> {
     v.get(field)?.as_u64()
 }
 
-/// Copies, runs `tool` twice, measures.
-fn bench_tool(
+/// Size of cowherd's index: `index.db` plus `index.db-wal` if present (`st_size`).
+fn index_size(root: &Path) -> u64 {
+    ["index.db", "index.db-wal"]
+        .iter()
+        .filter_map(|f| fs::metadata(root.join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Runs `tool` twice on a fresh copy of the master set in `work` and fills `run`; with
+/// `check`, also measures bytes on disk after each run and compares the guests with the
+/// master's manifest. Returns the command as shown and the checks.
+fn bench_copy(
     programs: &Programs,
     tool: Tool,
     master: &Master,
-    master_manifest: &Manifest,
+    check: Option<&Manifest>,
     work: &Path,
-) -> Result<ToolResult> {
-    say(format!("{}: copying the master set", tool.name()));
+    logs: &Path,
+    run: &mut ToolRun,
+) -> Result<(String, Option<Checks>)> {
+    say(format!(
+        "#{} round {}: {}: copying the master set",
+        run.seq,
+        run.round,
+        tool.name()
+    ));
     let copy = prepare(programs, tool, &master.guests, work)?;
     let (argv, display) = command(programs, tool, &copy);
-    let logs = work.join("logs");
-    fs::create_dir_all(&logs)?;
-    let mut result = ToolResult::new(tool.name(), display);
+    let mut bytes_after = [0u64; 2];
     for pass in 1..=2 {
-        say(format!("{}: run {pass}", tool.name()));
-        let out = logs.join(format!("run{pass}.out"));
-        let err = logs.join(format!("run{pass}.err"));
-        let run = timed(programs, &argv, work, &out, &err)?;
-        if run.exit_code != 0 && result.error.is_none() {
-            let mut tail = String::new();
-            if let Ok(mut f) = fs::File::open(&err) {
-                let _ = f.read_to_string(&mut tail);
-            }
-            let last = tail.lines().last().unwrap_or("").to_owned();
-            result.error = Some(format!("run {pass} exited {}: {last}", run.exit_code));
+        let out = logs.join(format!("{:03}-{}-run{pass}.out", run.seq, tool.name()));
+        let err = logs.join(format!("{:03}-{}-run{pass}.err", run.seq, tool.name()));
+        let r = timed(programs, &argv, work, &out, &err)?;
+        if r.exit_code != 0 && run.error.is_none() {
+            let text = fs::read_to_string(&err).unwrap_or_default();
+            let last = text.lines().last().unwrap_or("").to_owned();
+            run.error = Some(format!("run {pass} exited {}: {last}", r.exit_code));
         }
         say(format!(
-            "{}: run {pass}: {} , peak RSS {}",
+            "#{} round {}: {}: run {pass}: {}, peak RSS {}",
+            run.seq,
+            run.round,
             tool.name(),
-            report::secs(run.wall_secs),
-            report::mb(run.peak_rss_bytes())
+            report::secs(r.wall_secs),
+            report::mb(r.peak_rss_bytes())
         ));
-        let usage = disk_usage(&copy.du_roots)?;
+        if check.is_some() {
+            bytes_after[pass - 1] = disk_usage(&copy.du_roots)?.bytes;
+        }
         if pass == 1 {
-            result.first = Some(run);
-            result.bytes_after_first = usage.bytes;
+            run.first = Some(r);
             if copy.root.is_some() {
-                result.reported_linked = json_u64(&out, "linked_files");
+                run.reported_linked = json_u64(&out, "linked_files");
             }
         } else {
-            result.second = Some(run);
-            result.bytes_after = usage.bytes;
+            run.second = Some(r);
+            if let Some(root) = &copy.root {
+                run.files_indexed = json_u64(&out, "files_scanned");
+                run.index_bytes = Some(index_size(root));
+            }
         }
     }
-    say(format!("{}: checking the guests", tool.name()));
-    let after = Manifest::build(&copy.guests)?;
-    result.diff = manifest::compare(master_manifest, &after);
-    result.sharing = manifest::sharing(master_manifest, &after);
-    result.index_bytes = copy.root.as_deref().map(index_bytes);
-    result.store_dir_bytes = match &copy.root {
-        Some(root) => Some(dir_bytes(&root.join("store"))?),
-        None => None,
+    let Some(master_manifest) = check else {
+        return Ok((display, None));
     };
-    Ok(result)
+    say(format!(
+        "#{}: {}: checking the guests",
+        run.seq,
+        tool.name()
+    ));
+    let after = Manifest::build(&copy.guests)?;
+    let checks = Checks {
+        seq: run.seq,
+        bytes_after_first: bytes_after[0],
+        bytes_after: bytes_after[1],
+        diff: manifest::compare(master_manifest, &after),
+        sharing: manifest::sharing(master_manifest, &after),
+        store_dir_bytes: match &copy.root {
+            Some(root) => Some(dir_bytes(&root.join("store"))?),
+            None => None,
+        },
+    };
+    Ok((display, Some(checks)))
 }
 
-/// cowherd (every path eligible) alone on the first `n` guests, for each `n`.
+/// The tool every peer is paired with: cowherd (every path eligible), else cowherd with its
+/// default policy.
+fn reference_tool(tools: &[Tool]) -> Option<usize> {
+    tools
+        .iter()
+        .position(|&t| t == Tool::Cowherd)
+        .or_else(|| tools.iter().position(|&t| t == Tool::CowherdDefault))
+}
+
+/// The main table: `rounds` interleaved rounds ([`schedule::schedule`]), the read bound
+/// before the first and after the last.
+#[allow(clippy::too_many_arguments)]
+fn bench_rounds(
+    args: &Args,
+    programs: &Programs,
+    tools: &[Tool],
+    rounds: usize,
+    master: &Master,
+    master_manifest: &Manifest,
+    work: &Path,
+    report: &mut Report,
+) -> Result<()> {
+    let reference = reference_tool(tools);
+    let plan = schedule::schedule(tools.len(), reference, rounds);
+    let names: Vec<&str> = tools.iter().map(|t| t.name()).collect();
+    report.rounds = rounds;
+    report.reference = reference.map(|r| names[r].to_owned());
+    report.order = plan.iter().map(|r| schedule::describe(r, &names)).collect();
+    for (i, o) in report.order.iter().enumerate() {
+        say(format!("round {}: {o}", i + 1));
+    }
+    let logs = work.join("logs");
+    fs::create_dir_all(&logs)?;
+    if !args.no_read_bound {
+        report.read_bound_before = Some(timed_read_bound(programs, master, work, "before")?);
+    }
+    let mut results: Vec<ToolResult> = tools
+        .iter()
+        .map(|t| ToolResult::new(t.name(), String::new()))
+        .collect();
+    let mut seq = 0;
+    for (r, round) in plan.iter().enumerate() {
+        for (i, slot) in round.iter().enumerate() {
+            let tool = tools[slot.tool];
+            let mut run = ToolRun::new(seq + i + 1, r + 1, slot.pair.map(|p| seq + p + 1));
+            let result = &mut results[slot.tool];
+            let check = (r == 0 && result.checks.is_none()).then_some(master_manifest);
+            let dir = work.join(tool.name());
+            match bench_copy(programs, tool, master, check, &dir, &logs, &mut run) {
+                Ok((display, checks)) => {
+                    result.command = display;
+                    if checks.is_some() {
+                        result.checks = checks;
+                    }
+                }
+                Err(e) => {
+                    say(format!("#{}: {}: {e:#}", run.seq, tool.name()));
+                    if run.error.is_none() {
+                        run.error = Some(format!("{e:#}"));
+                    }
+                }
+            }
+            if result.error.is_none() {
+                result.error.clone_from(&run.error);
+            }
+            result.runs.push(run);
+            if !(args.keep_copies && r + 1 == rounds) {
+                remove(&dir)?;
+            }
+        }
+        seq += round.len();
+    }
+    if !args.no_read_bound {
+        report.read_bound_after = Some(timed_read_bound(programs, master, work, "after")?);
+    }
+    report.tools = results;
+    Ok(())
+}
+
+fn timed_read_bound(
+    programs: &Programs,
+    master: &Master,
+    work: &Path,
+    when: &str,
+) -> Result<ReadBound> {
+    say(format!("timing the read bound ({when} the rounds)"));
+    let dir = work.join(format!("read-bound-{when}"));
+    let bound = read_bound(programs, master, &dir)?;
+    say(format!(
+        "read bound {when}: {} for {}",
+        report::secs(bound.run.wall_secs),
+        report::bytes(bound.bytes)
+    ));
+    remove(&dir)?;
+    Ok(bound)
+}
+
+/// cowherd (every path eligible) alone at each guest count of `sizes`, each in a fresh root
+/// ([`scale_point`]).
 fn bench_scale(
+    args: &Args,
     programs: &Programs,
     master: &Master,
     sizes: &[usize],
     work: &Path,
 ) -> Result<Vec<ScalePoint>> {
     let mut points = Vec::new();
-    for &n in sizes {
-        let guests = &master.guests[..n.min(master.guests.len())];
-        say(format!("scale {n}: copying"));
-        let copy = prepare(programs, Tool::Cowherd, guests, work)?;
-        let (argv, _) = command(programs, Tool::Cowherd, &copy);
-        let logs = work.join("logs");
+    let dir = work.join("scale");
+    for (i, &n) in sizes.iter().enumerate() {
+        let logs = work.join("logs").join(format!("scale-{n}"));
+        remove(&logs)?;
         fs::create_dir_all(&logs)?;
-        let mut runs = Vec::new();
-        let mut files = 0;
-        for pass in 1..=2 {
-            let out = logs.join(format!("run{pass}.out"));
-            let run = timed(
-                programs,
-                &argv,
-                work,
-                &out,
-                &logs.join(format!("run{pass}.err")),
-            )?;
-            if run.exit_code != 0 {
-                bail!("cowherd failed at {n} guests (see {})", logs.display());
-            }
-            if pass == 1 {
-                files = json_u64(&out, "files_scanned").unwrap_or(0);
-            }
-            say(format!(
-                "scale {n}: run {pass}: {}, peak RSS {}",
-                report::secs(run.wall_secs),
-                report::mb(run.peak_rss_bytes())
-            ));
-            runs.push(run);
+        let point = scale_point(args, programs, master, n, &dir, &logs)?;
+        points.push(point);
+        if !(args.keep_copies && i + 1 == sizes.len()) {
+            say(format!("scale {n}: removing the set"));
+            remove(&dir)?;
         }
-        points.push(ScalePoint {
-            guests: guests.len(),
-            files,
-            first: runs[0],
-            second: runs[1],
-        });
-        remove(work)?;
     }
     Ok(points)
+}
+
+/// The scale set of `n` guests in a fresh root below `work`: real copies of the master's
+/// guests, then clones of them ([`scale`]), adopted by a fresh cowherd root with every path
+/// eligible. Returns the root, the guests' names and the number of files made private in
+/// clones.
+fn make_scale_set(
+    args: &Args,
+    programs: &Programs,
+    master: &Master,
+    n: usize,
+    work: &Path,
+) -> Result<(PathBuf, Vec<String>, usize)> {
+    remove(work)?;
+    let set = work.join("set");
+    fs::create_dir_all(&set)?;
+    let masters: Vec<String> = master.guests.iter().map(|(name, _)| name.clone()).collect();
+    let m = masters.len();
+    let real = n.min(m);
+    say(format!("scale {n}: copying {real} real guests"));
+    for (name, dir) in &master.guests[..real] {
+        copy_tree(dir, &set.join(name))?;
+    }
+    let names: Vec<String> = (0..n).map(|i| scale::guest_name(i, n, &masters)).collect();
+    let mut diverged = 0;
+    if n > real {
+        say(format!("scale {n}: cloning {} guests (cp -al)", n - real));
+        let mut lists: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for (s, source) in masters.iter().enumerate().take(n - real) {
+            let files = scale::regular_files(&set.join(source))?;
+            lists.insert(s, files.into_iter().map(|(p, _)| p).collect());
+        }
+        let counts: Vec<usize> = (real..n)
+            .into_par_iter()
+            .map(|i| -> Result<usize> {
+                let source = set.join(&masters[i % m]);
+                let dir = set.join(&names[i]);
+                run_checked(Command::new("cp").arg("-al").arg(&source).arg(&dir))?;
+                let changes = scale::clone_divergence(args.seed, &names[i], &lists[&(i % m)]);
+                for (rel, change) in &changes {
+                    scale::diverge_file(args.seed, &names[i], &dir, rel, *change)
+                        .with_context(|| format!("diverging {}/{rel}", dir.display()))?;
+                }
+                Ok(changes.len())
+            })
+            .collect::<Result<_>>()?;
+        diverged = counts.iter().sum();
+    }
+    say(format!("scale {n}: adopting {n} guests into a fresh root"));
+    let cowherd = &programs.tools["cowherd"];
+    let root = work.join("root");
+    run_checked(Command::new(cowherd).arg("--root").arg(&root).arg("init"))?;
+    fs::write(root.join("policy.toml"), ALL_ELIGIBLE_POLICY)?;
+    for name in &names {
+        run_checked(
+            Command::new(cowherd)
+                .arg("--root")
+                .arg(&root)
+                .arg("-q")
+                .arg("adopt")
+                .arg(set.join(name))
+                .arg("--name")
+                .arg(name),
+        )?;
+    }
+    fs::remove_dir(&set)?;
+    Ok((root, names, diverged))
+}
+
+/// One scale point: the set, then, each cold, cowherd's first run, a `find` walk of the guests'
+/// trees, the second run, the walk again, and `cowherd unify G` after an upgrade-sized change
+/// of the last guest.
+fn scale_point(
+    args: &Args,
+    programs: &Programs,
+    master: &Master,
+    n: usize,
+    work: &Path,
+    logs: &Path,
+) -> Result<ScalePoint> {
+    let start = Instant::now();
+    let (root, names, diverged) = make_scale_set(args, programs, master, n, work)?;
+    let build_secs = start.elapsed().as_secs_f64();
+    let real = n.min(master.guests.len());
+    say(format!(
+        "scale {n}: {real} real guests and {} clones ({} files made private) in {}",
+        n - real,
+        report::thousands(diverged as u64),
+        report::secs(build_secs)
+    ));
+    let cowherd = programs.tools["cowherd"].clone().into_os_string();
+    let base = |extra: &[&str]| -> Vec<OsString> {
+        let mut v: Vec<OsString> = vec![
+            cowherd.clone(),
+            "--root".into(),
+            root.clone().into_os_string(),
+            "-q".into(),
+            "unify".into(),
+        ];
+        v.extend(extra.iter().map(OsString::from));
+        v.push("--json".into());
+        v
+    };
+    let step = |name: &str, argv: &[OsString]| -> Result<(Run, PathBuf)> {
+        let out = logs.join(format!("{name}.out"));
+        let err = logs.join(format!("{name}.err"));
+        let r = timed(programs, argv, work, &out, &err)?;
+        say(format!(
+            "scale {n}: {name}: {}, peak RSS {}",
+            report::secs(r.wall_secs),
+            report::mb(r.peak_rss_bytes())
+        ));
+        if r.exit_code != 0 {
+            let text = fs::read_to_string(&err).unwrap_or_default();
+            bail!(
+                "{name} at {n} guests exited {} (log {}): {}",
+                r.exit_code,
+                err.display(),
+                text.lines().last().unwrap_or("")
+            );
+        }
+        Ok((r, out))
+    };
+    // The guests' trees, as cowherd walks them (not their guest.toml or empty overlay dirs).
+    let find_argv: Vec<OsString> = vec![
+        "bash".into(),
+        "-c".into(),
+        r#"find "$1"/*/base -type f | wc -l"#.into(),
+        "bash".into(),
+        root.join("guests").into_os_string(),
+    ];
+    let (first, out) = step("unify-1", &base(&["--all"]))?;
+    let first_hashed_bytes = json_u64(&out, "hashed_bytes");
+    let first_linked = json_u64(&out, "linked_files");
+    let (find_before, out) = step("find-1", &find_argv)?;
+    let files: u64 = fs::read_to_string(&out)?.trim().parse().unwrap_or(0);
+    let (second, out) = step("unify-2", &base(&["--all"]))?;
+    let files_indexed = json_u64(&out, "files_scanned");
+    let index_bytes = index_size(&root);
+    let (find_after, _) = step("find-2", &find_argv)?;
+
+    // An upgrade of the last guest: ~200 of its files rewritten, then `unify G`.
+    let guest = names.last().expect("n ≥ 1").clone();
+    let dir = root.join("guests").join(&guest).join("base");
+    let candidates: Vec<String> = scale::regular_files(&dir)?
+        .into_iter()
+        .filter(|(_, size)| *size > 0)
+        .map(|(p, _)| p)
+        .collect();
+    let picked = scale::pick_upgrade(args.seed, &guest, &candidates, scale::UPGRADE_FILES);
+    let mut changed_bytes = 0;
+    for rel in &picked {
+        changed_bytes += scale::rewrite_patched(args.seed, &guest, &dir, rel)
+            .with_context(|| format!("rewriting {}/{rel}", dir.display()))?;
+    }
+    say(format!(
+        "scale {n}: rewrote {} files ({}) of {guest}",
+        picked.len(),
+        report::bytes(changed_bytes)
+    ));
+    let (run, out) = step("unify-G", &base(&[guest.as_str()]))?;
+    let hashed_files = json_u64(&out, "hashed_files");
+    Ok(ScalePoint {
+        guests: n,
+        real_guests: real,
+        clones: n - real,
+        files,
+        build_secs,
+        first,
+        first_hashed_bytes,
+        first_linked,
+        second,
+        find_before: Some(find_before),
+        find_after: Some(find_after),
+        changed: Some(ChangedGuest {
+            guest,
+            files: picked.len() as u64,
+            bytes: changed_bytes,
+            hashed_files,
+            run,
+        }),
+        index_bytes: Some(index_bytes),
+        files_indexed,
+    })
+}
+
+/// How the scale sets were made, for the report.
+fn scale_note(master: &Master, sizes: &[usize]) -> String {
+    let m = master.guests.len();
+    if sizes.iter().all(|&n| n <= m) {
+        return "Every guest is a real copy of a master guest (`cp -a`).".to_owned();
+    }
+    format!(
+        "Up to {m} guests the set is real copies of the master set's guests (`cp -a`). Beyond, \
+         guest i is a clone of real copy i mod {m}: `cp -al` of it (every file a hardlink of \
+         the real copy's inode), in which the identity files (hostname, hosts, machine ids, ssh \
+         host keys, random seed) and up to {} logs, {} configs and {} user files, chosen by the \
+         seed, get private, changed content (written beside and renamed over). cowherd's 1st \
+         run there scans every guest and hashes each inode once — the {m} real copies' bytes \
+         plus the clones' private files: a clone's other paths are more links of inodes already \
+         read — and then replaces every path not on the inode it adopts as the object, nearly \
+         all of the clones' paths. So at N > {m} guests the 1st run measures scan, plan and \
+         link over N guests but the hashing of {m}: N independent guests would read about \
+         N/{m} times the bytes. The 2nd run, the find walks and `unify G` are what N guests \
+         cost.",
+        scale::CLONE_LOGS,
+        scale::CLONE_CONFIGS,
+        scale::CLONE_USER
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -907,22 +1259,36 @@ fn bench(args: &Args, cowherd: Option<&Path>) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("cowherd-bench must run as root (it sets owners and drops the page cache)");
     }
-    let tools: Vec<Tool> = if args.scale.is_empty() {
-        args.tools.clone()
+    if !args.scale.is_empty() && args.rounds.is_some() {
+        bail!("--rounds applies to the main table, not to --scale (one pass per guest count)");
+    }
+    let mut tools: Vec<Tool> = Vec::new();
+    for &t in if args.scale.is_empty() {
+        &args.tools[..]
     } else {
-        vec![Tool::Cowherd]
-    };
+        &[Tool::Cowherd][..]
+    } {
+        if !tools.contains(&t) {
+            tools.push(t);
+        }
+    }
+    let rounds = args.rounds.unwrap_or(match args.source {
+        Source::Real => 3,
+        Source::Synthetic => 1,
+    });
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
     let programs = check_programs(args, cowherd, &tools)?;
     if args.guests == 0 || args.scale.contains(&0) {
         bail!("--guests and --scale sizes must be at least 1");
     }
     fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let _lock = lock_out(&args.out)?;
-    let guests = args.scale.iter().copied().max().unwrap_or(args.guests);
-    let master = master_set(args, guests)?;
+    let master = master_set(args, args.guests)?;
     let work = args.out.join("work");
-    let result = run_bench(args, &programs, &tools, &master, &work);
-    if !args.keep {
+    let result = run_bench(args, &programs, &tools, rounds, &master, &work);
+    if !(args.keep || args.keep_copies) {
         say("removing the master set and the copies (--keep keeps them)");
         remove(&work)?;
         remove(&master.dir)?;
@@ -941,16 +1307,45 @@ fn bench(args: &Args, cowherd: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// Regular-file names, distinct inodes and their bytes below the guests (no hashing).
+fn file_counts(guests: &[(String, PathBuf)]) -> Result<(u64, u64, u64)> {
+    let mut names = 0;
+    let mut inodes = std::collections::HashMap::new();
+    for (_, dir) in guests {
+        for entry in walkdir::WalkDir::new(dir).follow_links(false) {
+            let entry = entry?;
+            if entry.file_type().is_file() {
+                let m = entry.metadata()?;
+                names += 1;
+                inodes.insert((m.dev(), m.ino()), m.len());
+            }
+        }
+    }
+    Ok((names, inodes.len() as u64, inodes.values().sum()))
+}
+
 fn run_bench(
     args: &Args,
     programs: &Programs,
     tools: &[Tool],
+    rounds: usize,
     master: &Master,
     work: &Path,
 ) -> Result<Report> {
-    say("recording the master manifest");
-    let master_manifest = Manifest::build(&master.guests)?;
-    let (file_inodes, logical_bytes) = master_manifest.file_inodes();
+    // The main table compares every tool's guests with the master's manifest (every file
+    // hashed); the scale table needs only the master's counts.
+    let master_manifest = if args.scale.is_empty() {
+        say("recording the master manifest");
+        Manifest::build(&master.guests)?
+    } else {
+        Manifest::default()
+    };
+    let (file_names, file_inodes, logical_bytes) = if args.scale.is_empty() {
+        let (inodes, bytes) = master_manifest.file_inodes();
+        (master_manifest.file_names(), inodes, bytes)
+    } else {
+        file_counts(&master.guests)?
+    };
     let mut du = DiskCounter::new();
     du.add_tree(&master.dir)?;
     let mut report = Report {
@@ -962,7 +1357,7 @@ fn run_bench(
             description: master.description.clone(),
             seed: args.seed,
             guests: master.guests.len(),
-            file_names: master_manifest.file_names(),
+            file_names,
             file_inodes,
             logical_bytes,
             bytes_on_disk: du.usage().bytes,
@@ -970,53 +1365,47 @@ fn run_bench(
         },
         machine: machine(&args.out),
         caches_dropped: true,
-        read_bound: None,
+        rounds: 0,
+        reference: None,
+        order: Vec::new(),
+        read_bound_before: None,
+        read_bound_after: None,
         tools: Vec::new(),
         scale: Vec::new(),
+        scale_note: None,
         ratios: Vec::new(),
         targets: Vec::new(),
     };
     if !args.scale.is_empty() {
-        report.scale = bench_scale(programs, master, &args.scale, work)?;
-        report.caches_dropped = report.scale.iter().all(|p| p.first.cold && p.second.cold);
+        report.scale = bench_scale(args, programs, master, &args.scale, work)?;
+        report.scale_note = Some(scale_note(master, &args.scale));
+        report.caches_dropped = report.scale.iter().all(|p| {
+            [Some(p.first), Some(p.second), p.find_before, p.find_after]
+                .into_iter()
+                .chain(std::iter::once(p.changed.as_ref().map(|c| c.run)))
+                .flatten()
+                .all(|r| r.cold)
+        });
         report.evaluate();
-        report.targets.retain(|t| t.target.contains("RSS"));
         return Ok(report);
     }
-    if !args.no_read_bound {
-        say("timing the read bound");
-        let bound = read_bound(programs, master, &work.join("read-bound"))?;
-        say(format!(
-            "read bound: {} for {}",
-            report::secs(bound.run.wall_secs),
-            report::bytes(bound.bytes)
-        ));
-        report.read_bound = Some(bound);
-        remove(&work.join("read-bound"))?;
-    }
-    for &tool in tools {
-        let dir = work.join(tool.name());
-        let result = bench_tool(programs, tool, master, &master_manifest, &dir);
-        match result {
-            Ok(r) => report.tools.push(r),
-            Err(e) => {
-                say(format!("{}: {e:#}", tool.name()));
-                report.tools.push(ToolResult {
-                    error: Some(format!("{e:#}")),
-                    ..ToolResult::new(tool.name(), String::new())
-                });
-            }
-        }
-        if !args.keep {
-            remove(&dir)?;
-        }
-    }
+    bench_rounds(
+        args,
+        programs,
+        tools,
+        rounds,
+        master,
+        &master_manifest,
+        work,
+        &mut report,
+    )?;
     report.caches_dropped = report
         .tools
         .iter()
-        .flat_map(|t| [t.first, t.second])
+        .flat_map(|t| t.runs.iter().flat_map(|r| [r.first, r.second]))
         .flatten()
-        .chain(report.read_bound.map(|b| b.run))
+        .chain(report.read_bound_before.map(|b| b.run))
+        .chain(report.read_bound_after.map(|b| b.run))
         .all(|r| r.cold);
     report.evaluate();
     Ok(report)
