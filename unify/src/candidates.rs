@@ -4,6 +4,7 @@ use rusqlite::named_params;
 
 use crate::error::Result;
 use crate::guest::OpenGuest;
+use crate::index::Index;
 use crate::root::HostRoot;
 
 /// Materialises the eligible files of the selected guests (`temp.cand`) and their size groups
@@ -26,7 +27,18 @@ pub(crate) fn build_candidates(
     ignore_mtime: bool,
     every_file: bool,
 ) -> Result<()> {
-    let idx = &root.index;
+    let ids: Vec<i64> = guests.iter().map(|g| g.id).collect();
+    candidate_tables(&root.index, &ids, min_size, ignore_mtime, every_file)
+}
+
+/// [`build_candidates`] over an index and guest ids.
+pub(crate) fn candidate_tables(
+    idx: &Index,
+    ids: &[i64],
+    min_size: u64,
+    ignore_mtime: bool,
+    every_file: bool,
+) -> Result<()> {
     idx.conn
         .execute_batch(
             "DROP TABLE IF EXISTS temp.sel; DROP TABLE IF EXISTS temp.cand;
@@ -34,8 +46,8 @@ pub(crate) fn build_candidates(
              CREATE TEMP TABLE sel(id INTEGER PRIMARY KEY);",
         )
         .map_err(|e| idx.err(e))?;
-    for g in guests {
-        idx.exec("INSERT INTO sel(id) VALUES (?1)", [g.id])?;
+    for id in ids {
+        idx.exec("INSERT INTO sel(id) VALUES (?1)", [id])?;
     }
     let ign = ignore_mtime;
     idx.conn
