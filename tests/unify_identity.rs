@@ -261,6 +261,68 @@ fn files_deleted_or_replaced_by_a_directory_leave_the_index() {
     assert_eq!(g1["files"].as_u64(), Some(19), "{g1}");
 }
 
+/// Regression for the per-directory scan: rows of directories the walk no longer enters (a
+/// deleted tree, a directory swapped for a symlink to the host) are dropped, the symlink is not
+/// followed, and a file moved into a new directory is found there.
+#[test]
+fn a_deleted_tree_or_a_directory_swapped_for_a_symlink_leaves_the_index() {
+    assert_root();
+    let s = Scratch::new("removed-tree");
+    let root = init_root(s.path());
+    let guest = |d: &Path, v: u32| {
+        incremental_guest(d, v);
+        let mut t = TreeBuilder::new(d);
+        for k in 0..5 {
+            t.file(
+                format!("opt/app/lib/deep/m{k}"),
+                &content(&format!("deep-{k}"), 5000),
+            );
+            t.file(
+                format!("srv/data/d{k}"),
+                &content(&format!("data-{k}"), 5000),
+            );
+        }
+        t.finish();
+    };
+    adopt_built(&root, s.path(), "g1", |d| guest(d, 1));
+    adopt_built(&root, s.path(), "g2", |d| guest(d, 2));
+    run_json(cowherd(&root).args(["unify", "--all", "--json"]));
+
+    let b = base(&root, "g1");
+    fs::remove_dir_all(b.join("opt")).unwrap();
+    fs::remove_dir_all(b.join("srv/data")).unwrap();
+    std::os::unix::fs::symlink("/etc", b.join("srv/data")).unwrap();
+    fs::create_dir(b.join("usr/share/moved")).unwrap();
+    fs::rename(b.join("usr/share/inc/f3"), b.join("usr/share/moved/f3")).unwrap();
+    let again = run_json(cowherd(&root).args(["unify", "--all", "--json"]));
+    assert_eq!(
+        find_number(&again, &|k| k == "files_removed"),
+        Some(11),
+        "5 below opt, 5 below srv/data, and f3's old path: {again}"
+    );
+    assert_eq!(
+        find_number(&again, &|k| k == "files_new"),
+        Some(1),
+        "only f3's new path; nothing below the symlink: {again}"
+    );
+
+    let v = run_json(cowherd(&root).args(["verify", "--json"]));
+    assert_eq!(v["stale"].as_array().map(Vec::len), Some(0), "{v}");
+    let stats = run_json(cowherd(&root).args(["stats", "--json"]));
+    assert_eq!(stats_per_guest(&stats)["g1"]["files"].as_u64(), Some(21));
+    let third = run_json(cowherd(&root).args(["unify", "--all", "--json"]));
+    assert_eq!(
+        find_number(&third, &|k| k == "files_removed"),
+        Some(0),
+        "{third}"
+    );
+    assert_eq!(
+        find_number(&third, &|k| k == "files_new"),
+        Some(0),
+        "{third}"
+    );
+}
+
 /// One file whose mtime depends on the variant, and one that is fully identical.
 fn mtime_guest(dir: &Path, variant: u32) {
     let mut t = TreeBuilder::new(dir);

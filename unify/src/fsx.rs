@@ -578,6 +578,11 @@ pub(crate) fn set_file_metadata(
 pub(crate) enum Visit<'a> {
     /// A regular file: its path relative to the walk's base, and its `lstat`.
     File(&'a [u8], Stat),
+    /// A directory about to be walked (listed already): its files and subdirectories follow,
+    /// then [`Visit::DirEnd`]. The base is `b""`.
+    Dir(&'a [u8]),
+    /// The end of a directory's walk: every entry below it was visited.
+    DirEnd(&'a [u8]),
     /// An entry that could not be read; `dir` when it is a directory whose subtree is unknown.
     Error {
         rel: &'a [u8],
@@ -586,8 +591,8 @@ pub(crate) enum Visit<'a> {
     },
 }
 
-/// Walks the tree below `base`, depth first, calling `visit` for every regular file; stops
-/// early when `visit` breaks.
+/// Walks the tree below `base`, depth first, calling `visit` for every regular file and at the
+/// start and end of every directory it lists; stops early when `visit` breaks.
 ///
 /// # Algorithm
 /// Every step is relative to the directory's own fd: a directory is listed once
@@ -652,6 +657,7 @@ fn walk_dir(
     }
     let fd = dir.as_fd();
     let parent_len = rel.len();
+    visit(Visit::Dir(rel))?;
     for (name, kind) in entries {
         rel.truncate(parent_len);
         if parent_len > 0 {
@@ -690,7 +696,7 @@ fn walk_dir(
         }
     }
     rel.truncate(parent_len);
-    ControlFlow::Continue(())
+    visit(Visit::DirEnd(rel))
 }
 
 #[cfg(test)]
@@ -709,6 +715,7 @@ mod tests {
             match v {
                 Visit::File(rel, st) => files.push((rel.to_vec(), st.ino)),
                 Visit::Error { rel, .. } => errors.push(rel.to_vec()),
+                Visit::Dir(_) | Visit::DirEnd(_) => {}
             }
             ControlFlow::Continue(())
         });

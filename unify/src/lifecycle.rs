@@ -218,7 +218,7 @@ impl Splitter<'_> {
         let _ = fsx::walk_tree(dir.as_fd(), &mut |visit| {
             match visit {
                 Visit::File(sub, st) if st.nlink > 1 => files.push((sub.to_vec(), st)),
-                Visit::File(..) => {}
+                Visit::File(..) | Visit::Dir(_) | Visit::DirEnd(_) => {}
                 Visit::Error {
                     rel: sub, error, ..
                 } => {

@@ -1,7 +1,7 @@
 //! Scan: walk the guests' base trees and bring their rows in the index up to date, one stat per
 //! file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -73,9 +73,12 @@ struct Known {
 /// * same inode, size, mtime and ctime as recorded — unchanged, hashes kept;
 /// * otherwise — new or changed: the row is rewritten and its hashes cleared.
 ///
-/// Rows left unseen are the deleted paths. Walkers send only what changed, in chunks through a
-/// bounded channel, to this thread, the one index writer; an unchanged tree costs no write.
-/// Memory holds one guest's rows per walker, never all guests'.
+/// A walker reads a directory's rows when the walk enters it and drops them when it leaves:
+/// rows left unseen there are deleted paths, and so are the rows of recorded directories the
+/// walk never entered (unless below a directory that could not be read: those rows are kept).
+/// Walkers send only what changed, in chunks through a bounded channel, to this thread, the one
+/// index writer; an unchanged tree costs no write. Memory holds, per walker, the rows of the
+/// directories on its current path and the guest's directory names, never a guest's rows.
 ///
 /// # Errors
 /// Index errors abort; a file or directory that cannot be read is reported in
@@ -159,27 +162,54 @@ pub(crate) fn scan_guests(
     })
 }
 
-/// Reads the rows of one guest, keyed by path.
-fn known_rows(index_path: &Path, guest_id: i64) -> Result<HashMap<Vec<u8>, Known>> {
-    let wrap = |error| Error::Index {
-        path: index_path.to_path_buf(),
-        error,
-    };
-    let conn = Connection::open_with_flags(
-        index_path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(wrap)?;
-    conn.busy_timeout(std::time::Duration::from_secs(30))
-        .map_err(wrap)?;
-    let mut stmt = conn
-        .prepare(
-            "SELECT path, ino, size, mtime_ns, ctime_ns, object_id IS NOT NULL, marker
-             FROM paths WHERE guest_id = ?1",
+/// A walker's read-only view of one guest's rows, a directory at a time.
+struct Rows {
+    conn: Connection,
+    guest_id: i64,
+    index_path: std::path::PathBuf,
+}
+
+impl Rows {
+    fn open(index_path: &Path, guest_id: i64) -> Result<Rows> {
+        let wrap = |error| Error::Index {
+            path: index_path.to_path_buf(),
+            error,
+        };
+        let conn = Connection::open_with_flags(
+            index_path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(wrap)?;
-    let rows = stmt
-        .query_map([guest_id], |r| {
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(wrap)?;
+        // A walker reads each directory's rows once, in key order: a small cache will do.
+        conn.pragma_update(None, "cache_size", -512).map_err(wrap)?;
+        Ok(Rows {
+            conn,
+            guest_id,
+            index_path: index_path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, error: rusqlite::Error) -> Error {
+        Error::Index {
+            path: self.index_path.clone(),
+            error,
+        }
+    }
+
+    /// The rows of directory `dir` (relative to the base, `b""` for the top), keyed by name.
+    fn dir(&self, dir: &[u8]) -> Result<HashMap<Vec<u8>, Known>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT f.name, f.ino, f.size, f.mtime_ns, f.ctime_ns, f.object_id IS NOT NULL,
+                        f.marker
+                 FROM dirs d JOIN files f ON f.dir = d.id
+                 WHERE d.guest_id = ?1 AND d.path = ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map(params![self.guest_id, dir], |r| {
             Ok((
                 r.get::<_, Vec<u8>>(0)?,
                 Known {
@@ -194,8 +224,49 @@ fn known_rows(index_path: &Path, guest_id: i64) -> Result<HashMap<Vec<u8>, Known
             ))
         })
         .and_then(|rows| rows.collect::<rusqlite::Result<HashMap<_, _>>>())
-        .map_err(wrap)?;
-    Ok(rows)
+        .map_err(|e| self.err(e))
+    }
+
+    /// The recorded directories (ids and paths) that hold files.
+    fn dirs(&self) -> Result<Vec<(i64, Vec<u8>)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, path FROM dirs d WHERE guest_id = ?1
+                   AND EXISTS (SELECT 1 FROM files f WHERE f.dir = d.id)",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([self.guest_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The file names recorded in directory row `id`.
+    fn names(&self, id: i64) -> Result<Vec<Vec<u8>>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name FROM files WHERE dir = ?1")
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([id], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// `dir`/`name` (`name` alone in the top directory).
+fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut rel = Vec::with_capacity(dir.len() + 1 + name.len());
+    rel.extend_from_slice(dir);
+    if !dir.is_empty() {
+        rel.push(b'/');
+    }
+    rel.extend_from_slice(name);
+    rel
+}
+
+/// Whether `path` is `dir` or below it (`b""` is the top: everything is below it).
+fn within(path: &[u8], dir: &[u8]) -> bool {
+    dir.is_empty() || (path.starts_with(dir) && matches!(path.get(dir.len()), None | Some(&b'/')))
 }
 
 /// Walks one guest and sends what changed; stops early if the writer has gone.
@@ -206,18 +277,17 @@ fn walk(
     tx: &SyncSender<Chunk>,
     progress: &dyn Progress,
 ) {
-    let mut known = match known_rows(index_path, guest.id) {
-        Ok(k) => k,
-        Err(e) => {
-            let fatal = vec![Found::Fatal(e)];
-            let _ = tx.send(Chunk {
-                guest: index,
-                found: fatal,
-                unchanged: 0,
-                done: true,
-            });
-            return;
-        }
+    let fatal = |e: Error| {
+        let _ = tx.send(Chunk {
+            guest: index,
+            found: vec![Found::Fatal(e)],
+            unchanged: 0,
+            done: true,
+        });
+    };
+    let rows = match Rows::open(index_path, guest.id) {
+        Ok(r) => r,
+        Err(e) => return fatal(e),
     };
     let mut chunk = Chunk {
         guest: index,
@@ -225,21 +295,44 @@ fn walk(
         unchanged: 0,
         done: false,
     };
+    // The rows of the directories on the walk's current path, innermost last.
+    let mut open: Vec<HashMap<Vec<u8>, Known>> = Vec::new();
+    // Directories walked, and those whose subtree could not be read (their rows are kept).
+    let mut entered: HashSet<Vec<u8>> = HashSet::new();
+    let mut unreadable: Vec<Vec<u8>> = Vec::new();
+    let mut failed: Option<Error> = None;
     let mut abs = Vec::with_capacity(256);
     let flow = fsx::walk_tree(guest.base_fd.as_fd(), &mut |visit| {
         let (rel, stat) = match visit {
+            Visit::Dir(rel) => {
+                match rows.dir(rel) {
+                    Ok(known) => open.push(known),
+                    Err(e) => {
+                        failed = Some(e);
+                        return ControlFlow::Break(());
+                    }
+                }
+                entered.insert(rel.to_vec());
+                return ControlFlow::Continue(());
+            }
+            Visit::DirEnd(rel) => {
+                for (name, k) in open.pop().unwrap_or_default() {
+                    if !k.seen {
+                        chunk.found.push(Found::Gone {
+                            rel: join(rel, &name),
+                        });
+                    }
+                }
+                return send_full(&mut chunk, index, tx);
+            }
             Visit::File(rel, stat) => (rel, stat),
             Visit::Error { rel, dir, error } => {
                 if dir {
                     // A directory that cannot be read: keep the rows below it rather than drop them.
-                    for (path, k) in known.iter_mut() {
-                        if rel.is_empty()
-                            || (path.starts_with(rel) && path.get(rel.len()) == Some(&b'/'))
-                        {
-                            k.seen = true;
-                        }
-                    }
-                } else if let Some(k) = known.get_mut(rel) {
+                    unreadable.push(rel.to_vec());
+                }
+                let name = fsx::split_parent(rel).1;
+                if let Some(k) = open.last_mut().and_then(|d| d.get_mut(name)) {
                     k.seen = true;
                 }
                 chunk.found.push(Found::Failure {
@@ -249,7 +342,8 @@ fn walk(
                 return ControlFlow::Continue(());
             }
         };
-        if fsx::split_parent(rel).1.starts_with(TEMP_PREFIX) {
+        let name = fsx::split_parent(rel).1;
+        if name.starts_with(TEMP_PREFIX) {
             return ControlFlow::Continue(());
         }
         progress.advance(1);
@@ -257,7 +351,7 @@ fn walk(
         abs.push(b'/');
         abs.extend_from_slice(rel);
         let marker = guest.policy.marker_for(&abs).code();
-        match known.get_mut(rel) {
+        match open.last_mut().and_then(|d| d.get_mut(name)) {
             Some(k) => {
                 k.seen = true;
                 let same_inode = k.ino == stat.ino;
@@ -289,29 +383,56 @@ fn walk(
                 known: false,
             }),
         }
-        if chunk.found.len() >= CHUNK {
-            let next = Chunk {
-                guest: index,
-                found: Vec::with_capacity(CHUNK),
-                unchanged: 0,
-                done: false,
-            };
-            if tx.send(std::mem::replace(&mut chunk, next)).is_err() {
-                return ControlFlow::Break(());
-            }
-        }
-        ControlFlow::Continue(())
+        send_full(&mut chunk, index, tx)
     });
+    if let Some(e) = failed {
+        return fatal(e);
+    }
     if flow.is_break() {
         return;
     }
-    for (rel, k) in known {
-        if !k.seen {
-            chunk.found.push(Found::Gone { rel });
+    // Recorded directories the walk never entered: gone (or no longer directories), unless
+    // below one that could not be read.
+    let recorded = match rows.dirs() {
+        Ok(d) => d,
+        Err(e) => return fatal(e),
+    };
+    for (id, dir) in recorded {
+        if entered.contains(&dir) || unreadable.iter().any(|u| within(&dir, u)) {
+            continue;
+        }
+        let names = match rows.names(id) {
+            Ok(n) => n,
+            Err(e) => return fatal(e),
+        };
+        for name in names {
+            chunk.found.push(Found::Gone {
+                rel: join(&dir, &name),
+            });
+        }
+        if send_full(&mut chunk, index, tx).is_break() {
+            return;
         }
     }
     chunk.done = true;
     let _ = tx.send(chunk);
+}
+
+/// Sends `chunk` once it holds [`CHUNK`] entries; breaks if the writer has gone.
+fn send_full(chunk: &mut Chunk, index: usize, tx: &SyncSender<Chunk>) -> ControlFlow<()> {
+    if chunk.found.len() < CHUNK {
+        return ControlFlow::Continue(());
+    }
+    let next = Chunk {
+        guest: index,
+        found: Vec::with_capacity(CHUNK),
+        unchanged: 0,
+        done: false,
+    };
+    match tx.send(std::mem::replace(chunk, next)) {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(_) => ControlFlow::Break(()),
+    }
 }
 
 /// The index side of the scan: one long transaction, committed every [`BATCH`] writes.
