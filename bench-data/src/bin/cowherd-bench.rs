@@ -1426,6 +1426,43 @@ struct BuildCtx {
 }
 
 impl BuildCtx {
+    /// Runs a peer's one-guest step `step` of round `r` and records its sample in `way`, with
+    /// the bytes and inodes `added` measures; a failed step becomes the way's error.
+    fn peer_one(
+        &self,
+        way: &mut Way,
+        label: &str,
+        step: &str,
+        r: usize,
+        argv: &[OsString],
+        added: impl FnOnce() -> Result<(u64, u64)>,
+    ) -> Result<()> {
+        match self.step(step, argv) {
+            Ok((run, sync_secs, _)) => {
+                let (bytes_added, inodes_added) = added()?;
+                let s = Sample {
+                    run,
+                    sync_secs,
+                    bytes_added,
+                    inodes_added,
+                    index_bytes_added: None,
+                    guests: 1,
+                };
+                say(format!(
+                    "round {r}: {label}: {}, {} added",
+                    report::secs(s.secs()),
+                    report::bytes(bytes_added)
+                ));
+                way.one.push(s);
+            }
+            Err(e) => {
+                say(format!("{label}: {e:#}"));
+                way.error = Some(format!("{e:#}"));
+            }
+        }
+        Ok(())
+    }
+
     /// `cowherd --root R -q ARGS…`.
     fn cowherd(&self, args: &[&OsStr]) -> Vec<OsString> {
         let mut argv: Vec<OsString> = vec![
@@ -1824,58 +1861,23 @@ fn run_build_table(args: &BuildArgs, ctx: &BuildCtx, work: &Path) -> Result<Buil
         if r <= args.peer_count && cpa.error.is_none() {
             let dir = ctx.peers.join("cp-a").join(format!("g{r}"));
             let argv = vec![os("cp"), os("-a"), tree.clone().into(), dir.clone().into()];
-            match ctx.step(&format!("cp-a-g{r}"), &argv) {
-                Ok((run, sync_secs, _)) => {
-                    let u = disk_usage(&[&dir])?;
-                    let s = Sample {
-                        run,
-                        sync_secs,
-                        bytes_added: u.bytes,
-                        inodes_added: u.inodes,
-                        index_bytes_added: None,
-                        guests: 1,
-                    };
-                    say(format!(
-                        "round {r}: cp -a: {}, {} added",
-                        report::secs(s.secs()),
-                        report::bytes(u.bytes)
-                    ));
-                    cpa.one.push(s);
-                }
-                Err(e) => {
-                    say(format!("cp -a: {e:#}"));
-                    cpa.error = Some(format!("{e:#}"));
-                }
-            }
+            ctx.peer_one(&mut cpa, "cp -a", &format!("cp-a-g{r}"), r, &argv, || {
+                let u = disk_usage(&[&dir])?;
+                Ok((u.bytes, u.inodes))
+            })?;
         }
         // cp -al
         if cpal.error.is_none() {
             let dir = ctx.peers.join("cp-al").join(format!("one{r}"));
             let argv = vec![os("cp"), os("-al"), tree.clone().into(), dir.clone().into()];
-            match ctx.step(&format!("cp-al-one{r}"), &argv) {
-                Ok((run, sync_secs, _)) => {
-                    let u = disk_usage(&[&tree, &dir])?;
-                    let (bytes_added, inodes_added) = usage_added(u, tree_usage);
-                    let s = Sample {
-                        run,
-                        sync_secs,
-                        bytes_added,
-                        inodes_added,
-                        index_bytes_added: None,
-                        guests: 1,
-                    };
-                    say(format!(
-                        "round {r}: cp -al: {}, {} added",
-                        report::secs(s.secs()),
-                        report::bytes(bytes_added)
-                    ));
-                    cpal.one.push(s);
-                }
-                Err(e) => {
-                    say(format!("cp -al: {e:#}"));
-                    cpal.error = Some(format!("{e:#}"));
-                }
-            }
+            ctx.peer_one(
+                &mut cpal,
+                "cp -al",
+                &format!("cp-al-one{r}"),
+                r,
+                &argv,
+                || Ok(usage_added(disk_usage(&[&tree, &dir])?, tree_usage)),
+            )?;
         }
         // mmdebstrap
         if let Some(prog) = &ctx.mmdebstrap
@@ -1894,29 +1896,17 @@ fn run_build_table(args: &BuildArgs, ctx: &BuildCtx, work: &Path) -> Result<Buil
             argv.push(os(&info.suite));
             argv.push(dir.clone().into());
             say(format!("round {r}: mmdebstrap (from the network)"));
-            match ctx.step(&format!("mmdebstrap-g{r}"), &argv) {
-                Ok((run, sync_secs, _)) => {
+            ctx.peer_one(
+                &mut mmd,
+                "mmdebstrap",
+                &format!("mmdebstrap-g{r}"),
+                r,
+                &argv,
+                || {
                     let u = disk_usage(&[&dir])?;
-                    let s = Sample {
-                        run,
-                        sync_secs,
-                        bytes_added: u.bytes,
-                        inodes_added: u.inodes,
-                        index_bytes_added: None,
-                        guests: 1,
-                    };
-                    say(format!(
-                        "round {r}: mmdebstrap: {}, {} added",
-                        report::secs(s.secs()),
-                        report::bytes(u.bytes)
-                    ));
-                    mmd.one.push(s);
-                }
-                Err(e) => {
-                    say(format!("mmdebstrap: {e:#}"));
-                    mmd.error = Some(format!("{e:#}"));
-                }
-            }
+                    Ok((u.bytes, u.inodes))
+                },
+            )?;
         }
     }
 
