@@ -601,7 +601,8 @@ pub(crate) enum Visit<'a> {
 /// RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)`. So no symlink is followed, not
 /// even one swapped in for a directory during the walk, and no mount point is crossed (mounted
 /// directories are skipped silently, like files of another device). An entry that vanishes
-/// during the walk is skipped. Open fds: one per directory level.
+/// during the walk is skipped. Open fds: two per directory level while it is listed, one
+/// while its subdirectories are walked.
 ///
 /// # Errors
 /// None returned: a directory or file that cannot be read is passed to `visit` as
@@ -623,7 +624,9 @@ pub(crate) fn walk_tree(
     }
 }
 
-/// Lists one directory of [`walk_tree`], visits its files and descends into its directories.
+/// Lists one directory of [`walk_tree`], visiting its files as they are listed, then descends
+/// into its subdirectories. Only the subdirectories' names are held while the walk descends (a
+/// directory of 18,000 man pages costs nothing; a walker per guest walks at once).
 fn walk_dir(
     dir: OwnedFd,
     dev: u64,
@@ -639,60 +642,84 @@ fn walk_dir(
             error,
         })
     };
-    let mut dir = match Dir::from_fd(dir) {
+    // Lookups go through a second fd: the listing's borrows the first.
+    let lookup = match nix::unistd::dup(&dir) {
+        Ok(fd) => fd,
+        Err(error) => return unreadable(rel, error, visit),
+    };
+    let mut listing = match Dir::from_fd(dir) {
         Ok(d) => d,
         Err(error) => return unreadable(rel, error, visit),
     };
-    let mut entries: Vec<(Vec<u8>, Option<Type>)> = Vec::new();
-    for entry in dir.iter() {
-        match entry {
-            Ok(e) => {
-                let name = e.file_name().to_bytes();
-                if name != b"." && name != b".." {
-                    entries.push((name.to_vec(), e.file_type()));
-                }
-            }
-            Err(error) => return unreadable(rel, error, visit),
-        }
-    }
-    let fd = dir.as_fd();
+    let fd = lookup.as_fd();
     let parent_len = rel.len();
     visit(Visit::Dir(rel))?;
-    for (name, kind) in entries {
+    // Subdirectories, names end to end.
+    let mut subdirs: Vec<u8> = Vec::new();
+    let mut ends: Vec<usize> = Vec::new();
+    for entry in listing.iter() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(error) => {
+                // The listing is incomplete: what is below this directory is unknown.
+                rel.truncate(parent_len);
+                unreadable(rel, error, visit)?;
+                return visit(Visit::DirEnd(rel));
+            }
+        };
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let is_dir = match entry.file_type() {
+            Some(Type::Directory) => true,
+            Some(Type::File) | None => {
+                rel.truncate(parent_len);
+                if parent_len > 0 {
+                    rel.push(b'/');
+                }
+                rel.extend_from_slice(name);
+                match lstat_at(fd, name) {
+                    Ok(st) if st.is_file() => {
+                        if st.dev == dev {
+                            visit(Visit::File(rel, st))?;
+                        }
+                        false
+                    }
+                    Ok(st) => st.is_dir(),
+                    Err(Errno::ENOENT) => false,
+                    Err(error) => {
+                        visit(Visit::Error {
+                            rel,
+                            dir: false,
+                            error,
+                        })?;
+                        false
+                    }
+                }
+            }
+            Some(_) => false,
+        };
+        if is_dir {
+            subdirs.extend_from_slice(name);
+            ends.push(subdirs.len());
+        }
+    }
+    drop(listing);
+    let mut start = 0;
+    for end in ends {
+        let name = &subdirs[start..end];
+        start = end;
         rel.truncate(parent_len);
         if parent_len > 0 {
             rel.push(b'/');
         }
-        rel.extend_from_slice(&name);
-        let is_dir = match kind {
-            Some(Type::Directory) => true,
-            Some(Type::File) | None => match lstat_at(fd, &name) {
-                Ok(st) if st.is_file() => {
-                    if st.dev == dev {
-                        visit(Visit::File(rel, st))?;
-                    }
-                    false
-                }
-                Ok(st) => st.is_dir(),
-                Err(Errno::ENOENT) => false,
-                Err(error) => {
-                    visit(Visit::Error {
-                        rel,
-                        dir: false,
-                        error,
-                    })?;
-                    false
-                }
-            },
-            Some(_) => false,
-        };
-        if is_dir {
-            match open_beneath(fd, &name, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
-                Ok(child) => walk_dir(child, dev, rel, visit)?,
-                // Gone, replaced by a symlink or a file, or a mount point: not part of the tree.
-                Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => {}
-                Err(error) => unreadable(rel, error, visit)?,
-            }
+        rel.extend_from_slice(name);
+        match open_beneath(fd, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+            Ok(child) => walk_dir(child, dev, rel, visit)?,
+            // Gone, replaced by a symlink or a file, or a mount point: not part of the tree.
+            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => {}
+            Err(error) => unreadable(rel, error, visit)?,
         }
     }
     rel.truncate(parent_len);

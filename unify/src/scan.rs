@@ -91,7 +91,8 @@ pub(crate) fn scan_guests(
     pool: &rayon::ThreadPool,
 ) -> Result<()> {
     let index_path = root.index.path.as_path();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(64);
+    // A few chunks in flight per walker is enough to keep the one writer busy.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(16);
     std::thread::scope(|scope| -> Result<()> {
         scope.spawn(move || {
             pool.install(|| {
@@ -162,6 +163,9 @@ pub(crate) fn scan_guests(
     })
 }
 
+/// The rows of one directory, keyed by file name.
+type DirRows = HashMap<Vec<u8>, Known>;
+
 /// A walker's read-only view of one guest's rows, a directory at a time.
 struct Rows {
     conn: Connection,
@@ -199,7 +203,7 @@ impl Rows {
     }
 
     /// The rows of directory `dir` (relative to the base, `b""` for the top), keyed by name.
-    fn dir(&self, dir: &[u8]) -> Result<HashMap<Vec<u8>, Known>> {
+    fn dir(&self, dir: &[u8]) -> Result<DirRows> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -223,7 +227,7 @@ impl Rows {
                 },
             ))
         })
-        .and_then(|rows| rows.collect::<rusqlite::Result<HashMap<_, _>>>())
+        .and_then(|rows| rows.collect::<rusqlite::Result<DirRows>>())
         .map_err(|e| self.err(e))
     }
 
@@ -296,7 +300,7 @@ fn walk(
         done: false,
     };
     // The rows of the directories on the walk's current path, innermost last.
-    let mut open: Vec<HashMap<Vec<u8>, Known>> = Vec::new();
+    let mut open: Vec<(Vec<u8>, DirRows)> = Vec::new();
     // Directories walked, and those whose subtree could not be read (their rows are kept).
     let mut entered: HashSet<Vec<u8>> = HashSet::new();
     let mut unreadable: Vec<Vec<u8>> = Vec::new();
@@ -306,7 +310,7 @@ fn walk(
         let (rel, stat) = match visit {
             Visit::Dir(rel) => {
                 match rows.dir(rel) {
-                    Ok(known) => open.push(known),
+                    Ok(known) => open.push((rel.to_vec(), known)),
                     Err(e) => {
                         failed = Some(e);
                         return ControlFlow::Break(());
@@ -316,7 +320,7 @@ fn walk(
                 return ControlFlow::Continue(());
             }
             Visit::DirEnd(rel) => {
-                for (name, k) in open.pop().unwrap_or_default() {
+                for (name, k) in open.pop().map(|(_, known)| known).unwrap_or_default() {
                     if !k.seen {
                         chunk.found.push(Found::Gone {
                             rel: join(rel, &name),
@@ -331,9 +335,17 @@ fn walk(
                     // A directory that cannot be read: keep the rows below it rather than drop them.
                     unreadable.push(rel.to_vec());
                 }
-                let name = fsx::split_parent(rel).1;
-                if let Some(k) = open.last_mut().and_then(|d| d.get_mut(name)) {
-                    k.seen = true;
+                match open.last_mut() {
+                    // The listing of the directory being walked broke off: keep all its rows.
+                    Some((at, known)) if dir && at.as_slice() == rel => {
+                        known.values_mut().for_each(|k| k.seen = true);
+                    }
+                    Some((_, known)) => {
+                        if let Some(k) = known.get_mut(fsx::split_parent(rel).1) {
+                            k.seen = true;
+                        }
+                    }
+                    None => {}
                 }
                 chunk.found.push(Found::Failure {
                     rel: rel.to_vec(),
@@ -351,7 +363,7 @@ fn walk(
         abs.push(b'/');
         abs.extend_from_slice(rel);
         let marker = guest.policy.marker_for(&abs).code();
-        match open.last_mut().and_then(|d| d.get_mut(name)) {
+        match open.last_mut().and_then(|(_, known)| known.get_mut(name)) {
             Some(k) => {
                 k.seen = true;
                 let same_inode = k.ino == stat.ino;
