@@ -583,27 +583,19 @@ fn prepare(
     }
     match tool {
         Tool::Cowherd | Tool::CowherdDefault => {
-            let cowherd = &programs.tools["cowherd"];
             let root = work.join("root");
-            run_checked(Command::new(cowherd).arg("--root").arg(&root).arg("init"))?;
-            if tool == Tool::Cowherd {
-                fs::write(root.join("policy.toml"), ALL_ELIGIBLE_POLICY)?;
-            }
-            let mut guests = Vec::new();
-            for (name, _) in master {
-                run_checked(
-                    Command::new(cowherd)
-                        .arg("--root")
-                        .arg(&root)
-                        .arg("-q")
-                        .arg("adopt")
-                        .arg(set.join(name))
-                        .arg("--name")
-                        .arg(name),
-                )?;
-                guests.push((name.clone(), root.join("guests").join(name).join("base")));
-            }
-            fs::remove_dir(&set)?;
+            let names: Vec<&String> = master.iter().map(|(name, _)| name).collect();
+            adopt_all(
+                &programs.tools["cowherd"],
+                &root,
+                &set,
+                &names,
+                tool == Tool::Cowherd,
+            )?;
+            let guests: Vec<(String, PathBuf)> = names
+                .iter()
+                .map(|&name| (name.clone(), root.join("guests").join(name).join("base")))
+                .collect();
             let mut du_roots: Vec<PathBuf> = guests.iter().map(|(_, d)| d.clone()).collect();
             du_roots.push(root.join("store"));
             Ok(Copy {
@@ -979,15 +971,30 @@ fn make_scale_set(
         diverged = counts.iter().sum();
     }
     say(format!("scale {n}: adopting {n} guests into a fresh root"));
-    let cowherd = &programs.tools["cowherd"];
     let root = work.join("root");
-    run_checked(Command::new(cowherd).arg("--root").arg(&root).arg("init"))?;
-    fs::write(root.join("policy.toml"), ALL_ELIGIBLE_POLICY)?;
-    for name in &names {
+    let refs: Vec<&String> = names.iter().collect();
+    adopt_all(&programs.tools["cowherd"], &root, &set, &refs, true)?;
+    Ok((root, names, diverged))
+}
+
+/// A fresh cowherd root at `root` (every path eligible with `all_eligible`) that adopts the
+/// guests `set/NAME`; `set` is left empty and removed.
+fn adopt_all(
+    cowherd: &Path,
+    root: &Path,
+    set: &Path,
+    names: &[&String],
+    all_eligible: bool,
+) -> Result<()> {
+    run_checked(Command::new(cowherd).arg("--root").arg(root).arg("init"))?;
+    if all_eligible {
+        fs::write(root.join("policy.toml"), ALL_ELIGIBLE_POLICY)?;
+    }
+    for name in names {
         run_checked(
             Command::new(cowherd)
                 .arg("--root")
-                .arg(&root)
+                .arg(root)
                 .arg("-q")
                 .arg("adopt")
                 .arg(set.join(name))
@@ -995,8 +1002,8 @@ fn make_scale_set(
                 .arg(name),
         )?;
     }
-    fs::remove_dir(&set)?;
-    Ok((root, names, diverged))
+    fs::remove_dir(set)?;
+    Ok(())
 }
 
 /// One scale point: the set, then, each cold, cowherd's first run, a `find` walk of the guests'
