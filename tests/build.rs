@@ -395,12 +395,12 @@ fn guests_and_staging(root: &Path) -> (Vec<String>, bool) {
     (guests, staging)
 }
 
-#[test]
-fn a_killed_build_count_leaves_complete_guests_or_none() {
-    assert_root();
-    let seed = seed("COWHERD_BUILD_SEED");
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let s = Scratch::new("build-kill");
+/// The seed (from `seed_var`), its generator, and a fresh root (in scratch `label`) with a
+/// template `tiny` of a 1,500-file tarball: the setup of the kill loops.
+fn tiny_tarball_root(seed_var: &str, label: &str) -> (u64, ChaCha8Rng, Scratch, PathBuf) {
+    let seed = seed(seed_var);
+    let rng = ChaCha8Rng::seed_from_u64(seed);
+    let s = Scratch::new(label);
     let root = init_root(s.path());
     let archive = tarball(&s, 1_500);
     define(
@@ -408,6 +408,13 @@ fn a_killed_build_count_leaves_complete_guests_or_none() {
         "tiny",
         &format!("method = \"tarball\"\nsource = \"{}\"\n", archive.display()),
     );
+    (seed, rng, s, root)
+}
+
+#[test]
+fn a_killed_build_count_leaves_complete_guests_or_none() {
+    assert_root();
+    let (seed, mut rng, _scratch, root) = tiny_tarball_root("COWHERD_BUILD_SEED", "build-kill");
     build_template(&root, "tiny");
     let template = manifest(&root.join("templates/tiny/1/tree"));
     let identity: BTreeSet<&[u8]> = [&b"etc/hostname"[..], b"etc/hosts", b"etc/machine-id"].into();
@@ -510,16 +517,8 @@ fn versions_and_leftovers(root: &Path, name: &str) -> (Vec<u32>, Vec<String>) {
 #[test]
 fn a_killed_template_build_or_removal_leaves_whole_unified_versions_or_none() {
     assert_root();
-    let seed = seed("COWHERD_TEMPLATE_KILL_SEED");
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let s = Scratch::new("template-kill");
-    let root = init_root(s.path());
-    let archive = tarball(&s, 1_500);
-    define(
-        &root,
-        "tiny",
-        &format!("method = \"tarball\"\nsource = \"{}\"\n", archive.display()),
-    );
+    let (seed, mut rng, _scratch, root) =
+        tiny_tarball_root("COWHERD_TEMPLATE_KILL_SEED", "template-kill");
     let t = Instant::now();
     build_template(&root, "tiny");
     let first_build = t.elapsed();
