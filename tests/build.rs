@@ -395,6 +395,20 @@ fn guests_and_staging(root: &Path) -> (Vec<String>, bool) {
     (guests, staging)
 }
 
+/// SIGKILLs `child` at a random instant within `whole` unless it has exited by then; waits
+/// for it. Whether the kill landed while it ran.
+fn kill_within(mut child: std::process::Child, rng: &mut ChaCha8Rng, whole: Duration) -> bool {
+    std::thread::sleep(Duration::from_micros(
+        rng.random_range(0..whole.as_micros() as u64),
+    ));
+    let running = child.try_wait().unwrap().is_none();
+    if running {
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    }
+    child.wait().unwrap();
+    running
+}
+
 /// The seed (from `seed_var`), its generator, and a fresh root (in scratch `label`) with a
 /// template `tiny` of a 1,500-file tarball: the setup of the kill loops.
 fn tiny_tarball_root(seed_var: &str, label: &str) -> (u64, ChaCha8Rng, Scratch, PathBuf) {
@@ -451,7 +465,7 @@ fn a_killed_build_count_leaves_complete_guests_or_none() {
     let mut landed = 0;
     for round in 0..12 {
         let prefix = format!("k{round}-");
-        let mut child = Command::new(cowherd_bin())
+        let child = Command::new(cowherd_bin())
             .arg("--root")
             .arg(&root)
             .args([
@@ -467,14 +481,7 @@ fn a_killed_build_count_leaves_complete_guests_or_none() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_micros(
-            rng.random_range(0..whole.as_micros() as u64),
-        ));
-        if child.try_wait().unwrap().is_none() {
-            kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
-            landed += 1;
-        }
-        child.wait().unwrap();
+        landed += usize::from(kill_within(child, &mut rng, whole));
         let (guests, _) = guests_and_staging(&root);
         for g in guests.iter().filter(|g| g.starts_with(&prefix)) {
             assert!(complete(g), "guest {g} is half-built (seed {seed})");
@@ -560,7 +567,7 @@ fn a_killed_template_build_or_removal_leaves_whole_unified_versions_or_none() {
     };
     let mut landed = 0;
     for _ in 0..10 {
-        let mut child = Command::new(cowherd_bin())
+        let child = Command::new(cowherd_bin())
             .arg("--root")
             .arg(&root)
             .args(["template", "rebuild", "tiny"])
@@ -568,14 +575,7 @@ fn a_killed_template_build_or_removal_leaves_whole_unified_versions_or_none() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_micros(
-            rng.random_range(0..whole.as_micros() as u64),
-        ));
-        if child.try_wait().unwrap().is_none() {
-            kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
-            landed += 1;
-        }
-        child.wait().unwrap();
+        landed += usize::from(kill_within(child, &mut rng, whole));
         // The next writer removes what the killed one left, rows included.
         cowherd(&root).args(["gc", "--dry-run"]).assert().success();
         let (versions, left) = versions_and_leftovers(&root, "tiny");
