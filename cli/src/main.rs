@@ -326,6 +326,9 @@ struct UnifyArgs {
 }
 
 fn main() -> ExitCode {
+    // Two arenas: the run's I/O threads allocate little, and unbounded arenas let peak RSS
+    // grow with the threads that touched them (see `bound_malloc_arenas`).
+    cowherd_unify::bound_malloc_arenas(2);
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => ExitCode::from(code),

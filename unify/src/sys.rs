@@ -1,5 +1,5 @@
-//! The one module with `unsafe`: the inode-flag ioctls (`FS_IOC_GETFLAGS` / `FS_IOC_SETFLAGS`)
-//! and the page-cache residency of a file (`mmap` + `mincore`).
+//! The one module with `unsafe`: the inode-flag ioctls (`FS_IOC_GETFLAGS` / `FS_IOC_SETFLAGS`),
+//! the page-cache residency of a file (`mmap` + `mincore`) and the bound on malloc arenas.
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd};
@@ -95,4 +95,34 @@ pub(crate) fn resident_bytes(fd: impl AsFd, size: u64) -> nix::Result<u64> {
     // SAFETY: `addr` and `len` are the mapping made above.
     unsafe { munmap(addr, len.get()) }?;
     result
+}
+
+/// Bounds the C allocator's arenas for this process at `arenas`, unless the environment already
+/// chose (`MALLOC_ARENA_MAX`); returns the bound set, if any. Call it first thing in `main`,
+/// before any thread starts.
+///
+/// glibc gives each thread that allocates under contention an arena of its own, up to eight a
+/// core, and keeps what the thread freed there. A run's I/O pool has eight threads a core, so
+/// without a bound the peak RSS of a run grows with the arenas the pool happens to touch
+/// (heaptrack: ~29 MB live at the peak of a 500-guest run, 65 MB resident). The threads
+/// allocate little (paths, listing buffers), so a few arenas cost them nothing measurable.
+/// Other C libraries: nothing is done.
+pub fn bound_malloc_arenas(arenas: u16) -> Option<u16> {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return None;
+    }
+    set_arena_max(arenas)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn set_arena_max(arenas: u16) -> Option<u16> {
+    // SAFETY: `mallopt` takes two ints and changes a tunable of the allocator; glibc applies
+    // `M_ARENA_MAX` to arenas made after the call and is thread-safe for it.
+    let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, libc::c_int::from(arenas)) };
+    (ok == 1).then_some(arenas)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn set_arena_max(_arenas: u16) -> Option<u16> {
+    None
 }
