@@ -22,7 +22,9 @@ use std::str::FromStr;
 
 use crate::programs::{Leash, STANDARD_PATH, find_program};
 use cowherd_unify::{
-    HostRoot, NewGuest, Origin, OriginKind, ensure_offline, guest_record, parse_mountinfo,
+    DISCARDED_DIR, GuestChange, HostRoot, LINKDEST_DIR, MANIFEST_FILE, NewGuest, Origin,
+    OriginKind, TreeManifest, changed_by_both, discard_guest_changes, ensure_offline,
+    guest_changes, guest_record, keep_guest_changes, load_manifest, parse_mountinfo,
     remove_below_root, validate_guest_name,
 };
 use nix::errno::Errno;
@@ -442,6 +444,23 @@ pub struct ImportOptions {
     /// one: only what changed is transferred (the final pass after stopping the machine's
     /// services), and the fixups are applied again.
     pub resync: bool,
+    /// What a resync does with the paths the guest changed since its last import (folded into
+    /// base or still in its upper layer).
+    pub guest_changes: GuestChanges,
+}
+
+/// What a resync does with what the guest changed since its last import.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GuestChanges {
+    /// Refuse the resync, listing them ([`ImportError::GuestChanged`]).
+    #[default]
+    Refuse,
+    /// Keep the guest's version of each changed path; the paths the machine changed too are
+    /// listed in [`ImportReport::not_taken`].
+    Keep,
+    /// Take the machine's version; the guest's versions are kept in
+    /// `guests/NAME/discarded/<time>/` ([`ImportReport::discarded_to`]).
+    Discard,
 }
 
 /// What an import did.
@@ -480,6 +499,14 @@ pub struct ImportReport {
     /// Things to check by hand: network configuration left alone, files that vanished during
     /// the copy, paths a fixup did not follow.
     pub warnings: Vec<String>,
+    /// A resync: the paths the guest had changed since its last import (kept or discarded,
+    /// as [`ImportOptions::guest_changes`] chose).
+    pub guest_changes: Vec<GuestChange>,
+    /// `--keep-guest-changes`: the paths the machine changed too, whose newer version was not
+    /// taken.
+    pub not_taken: Vec<PathBuf>,
+    /// `--discard-guest-changes`: where the guest's versions were kept.
+    pub discarded_to: Option<PathBuf>,
 }
 
 /// Everything that can go wrong importing a machine.
@@ -570,6 +597,66 @@ pub enum ImportError {
         name: String,
         /// Its mount point.
         path: PathBuf,
+    },
+    /// A resync of a guest that changed paths since its last import, without a choice of
+    /// what to do with them.
+    #[error(
+        "guest {name} changed {count} paths since its last import ({first}): resync with \
+         --keep-guest-changes to keep the guest's versions, or --discard-guest-changes to take \
+         the machine's (the guest's are kept in {discard_dir})"
+    )]
+    GuestChanged {
+        /// The guest.
+        name: String,
+        /// How many changes.
+        count: usize,
+        /// The first few, for the message.
+        first: String,
+        /// Where discarded versions would go.
+        discard_dir: String,
+        /// Every change.
+        changes: Vec<GuestChange>,
+    },
+    /// A resync of a guest imported before cowherd kept a manifest of what it imported.
+    #[error(
+        "guest {name} has no manifest of its last import ({path}): its own changes cannot be \
+         told from the machine's; resync with --discard-guest-changes (every file of the guest \
+         is kept in {discard_dir} first)"
+    )]
+    NoManifest {
+        /// The guest.
+        name: String,
+        /// The manifest's path.
+        path: PathBuf,
+        /// Where discarded versions would go.
+        discard_dir: String,
+    },
+    /// A machine whose tree holds overlayfs's own metadata, which a guest's overlay would obey
+    /// instead of showing.
+    #[error(
+        "{source_shown} holds {count} entries that overlayfs would take for its own metadata \
+         (whiteouts: 0/0 character devices; trusted.overlay.* xattrs), e.g. {first}: a guest \
+         would not see them as they are; remove them on the machine (container image layers \
+         belong unpacked, not as layers) and import again"
+    )]
+    OverlayMetadata {
+        /// The source.
+        source_shown: String,
+        /// How many entries.
+        count: usize,
+        /// The first few.
+        first: String,
+    },
+    /// A local source that is the cowherd root, or inside it.
+    #[error(
+        "cannot import from {path}: it is inside the cowherd root {root} (to copy a guest, make \
+         a template of it: `guest = \"NAME\"` in a template definition)"
+    )]
+    SourceInRoot {
+        /// The source.
+        path: PathBuf,
+        /// The root.
+        root: PathBuf,
     },
     /// A resync from a tarball.
     #[error(
@@ -695,6 +782,7 @@ fn first_import(
     }
     let source = source.resolved()?;
     check_source(&source)?;
+    check_not_in_root(root, &source)?;
     let tools = Tools::find(&source, opts)?;
     let origin = Origin {
         kind: OriginKind::Import,
@@ -712,7 +800,16 @@ fn first_import(
         source: source.to_string(),
         ..ImportReport::default()
     };
-    let filled = fill(&tools, &source, opts, included, &base, None, &mut report);
+    let filled = fill(
+        &tools,
+        root,
+        &source,
+        opts,
+        included,
+        &base,
+        None,
+        &mut report,
+    );
     let result = filled.and_then(|()| {
         let tree = Beneath::open(&base).at(&base)?;
         let fixups = fixups_in(&tree)?;
@@ -720,6 +817,10 @@ fn first_import(
         report.warnings.extend(fixups.warnings);
         report.hostname = machine_hostname(&tree);
         guest.record_mut().hostname = report.hostname.clone();
+        // What this import wrote: a resync tells the guest's own changes by it.
+        let manifest = take_manifest(&base, &source)?;
+        let staging_dir = base.parent().unwrap_or(Path::new("/"));
+        manifest.save_for_base(staging_dir)?;
         Ok(())
     });
     match result {
@@ -775,12 +876,55 @@ fn resync(
         other => other?,
     }
     check_source(&source)?;
+    check_not_in_root(root, &source)?;
     let tools = Tools::find(&source, opts)?;
     let guest_dir = root.guests_dir().join(name);
     let base = guest_dir.join("base");
     let scratch_rel = Path::new("guests").join(name).join(RESYNC_DIR);
+    let linkdest_rel = Path::new("guests").join(name).join(LINKDEST_DIR);
     let scratch = root.path().join(&scratch_rel);
+    let linkdest = root.path().join(&linkdest_rel);
     remove_below_root(root, &scratch_rel)?;
+    remove_below_root(root, &linkdest_rel)?;
+    let discard_dir = guest_dir.join(DISCARDED_DIR).display().to_string();
+    // What the guest changed since the last import, found by one walk of base that also
+    // makes the only tree rsync is given as --link-dest: base's directories and regular
+    // files, no symlink (rsync would follow one out of the guest, DESIGN-NOTES fact 13).
+    let manifest = load_manifest(&guest_dir)?;
+    let changes = match &manifest {
+        Some(manifest) => guest_changes(&guest_dir, manifest, Some(&linkdest)),
+        None if opts.guest_changes == GuestChanges::Discard => {
+            guest_changes(&guest_dir, &TreeManifest::default(), Some(&linkdest))
+        }
+        None => {
+            return Err(ImportError::NoManifest {
+                name: name.to_string(),
+                path: guest_dir.join(MANIFEST_FILE),
+                discard_dir,
+            });
+        }
+    };
+    let changes = match changes {
+        Ok(changes) => changes,
+        Err(e) => {
+            let _ = remove_below_root(root, &linkdest_rel);
+            return Err(e.into());
+        }
+    };
+    if !changes.is_empty() && opts.guest_changes == GuestChanges::Refuse {
+        let _ = remove_below_root(root, &linkdest_rel);
+        let mut first: Vec<String> = changes.iter().take(3).map(|c| c.to_string()).collect();
+        if changes.len() > 3 {
+            first.push("…".to_string());
+        }
+        return Err(ImportError::GuestChanged {
+            name: name.to_string(),
+            count: changes.len(),
+            first: first.join(", "),
+            discard_dir,
+            changes,
+        });
+    }
     std::fs::create_dir(&scratch).at(&scratch)?;
     std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o700)).at(&scratch)?;
     let mut report = ImportReport {
@@ -789,18 +933,38 @@ fn resync(
         resync: true,
         ..ImportReport::default()
     };
-    let result = fill(
+    let filled = fill(
         &tools,
+        root,
         &source,
         opts,
         included,
         &scratch,
-        Some(&base),
+        Some(&linkdest),
         &mut report,
-    )
-    .and_then(|()| {
+    );
+    let _ = remove_below_root(root, &linkdest_rel);
+    let result = filled.and_then(|()| {
         let tree = Beneath::open(&scratch).at(&scratch)?;
-        Ok((fixups_in(&tree)?, machine_hostname(&tree)))
+        let fixups = fixups_in(&tree)?;
+        let hostname = machine_hostname(&tree);
+        let new_manifest = take_manifest(&scratch, &source)?;
+        // Named before anything of the guest's goes in: the next resync compares with what
+        // the machine sent, not with what the guest kept.
+        new_manifest.save_pending(&guest_dir, RESYNC_DIR)?;
+        match opts.guest_changes {
+            GuestChanges::Keep if !changes.is_empty() => {
+                keep_guest_changes(root, &guest_dir, RESYNC_DIR, &changes)?;
+                if let Some(old) = &manifest {
+                    report.not_taken = changed_by_both(&changes, old, &new_manifest);
+                }
+            }
+            GuestChanges::Discard if !changes.is_empty() => {
+                report.discarded_to = Some(discard_guest_changes(root, &guest_dir, &changes)?);
+            }
+            _ => {}
+        }
+        Ok((fixups, hostname))
     });
     let (fixups, hostname) = match result {
         Ok(done) => done,
@@ -809,6 +973,7 @@ fn resync(
             return Err(e);
         }
     };
+    report.guest_changes = changes;
     report.fixups = fixups.fixups;
     report.warnings.extend(fixups.warnings);
     if hostname.is_some() && hostname != record.hostname {
@@ -829,19 +994,79 @@ fn resync(
     nix::unistd::syncfs(&dir).at(&scratch)?;
     nix::fcntl::renameat2(&dir, RESYNC_DIR, &dir, "base", RenameFlags::RENAME_EXCHANGE)
         .at(&base)?;
+    // The pending manifest now describes base: it becomes the guest's.
+    load_manifest(&guest_dir)?;
     if let Err(e) = remove_below_root(root, &scratch_rel) {
         report.warnings.push(format!(
             "the old base, now {}, could not be removed ({e}); the next resync or `cowherd destroy {name}` removes it",
             scratch.display()
         ));
     }
-    if std::fs::read_dir(guest_dir.join("upper")).is_ok_and(|mut entries| entries.next().is_some())
-    {
+    if let Some(dir) = &report.discarded_to {
         report.warnings.push(format!(
-            "guest {name} has changes of its own in its upper layer: they still hide the resynced files at their paths"
+            "the guest's versions of the {} paths it had changed are kept in {} (listed in its `changes` file); remove it when they are no longer wanted",
+            report.guest_changes.len(),
+            dir.display()
         ));
     }
     Ok(report)
+}
+
+/// The manifest of a tree rsync or tar just filled; refused if it holds overlayfs's own
+/// metadata (DESIGN-NOTES fact 15).
+fn take_manifest(tree: &Path, source: &Source) -> Result<TreeManifest, ImportError> {
+    let (manifest, foreign) = TreeManifest::take(tree)?;
+    if foreign.paths.is_empty() {
+        return Ok(manifest);
+    }
+    let mut first: Vec<String> = foreign
+        .paths
+        .iter()
+        .take(3)
+        .map(|p| p.display().to_string())
+        .collect();
+    if foreign.paths.len() > 3 {
+        first.push("…".to_string());
+    }
+    Err(ImportError::OverlayMetadata {
+        source_shown: source.to_string(),
+        count: foreign.paths.len(),
+        first: first.join(", "),
+    })
+}
+
+/// Refuses a local source that is the root or inside it (a guest's own tree, the store).
+fn check_not_in_root(root: &HostRoot, source: &Source) -> Result<(), ImportError> {
+    let path = match source {
+        Source::Local(path) | Source::Tarball(path) => path,
+        _ => return Ok(()),
+    };
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+    let root_abs = std::fs::canonicalize(root.path()).unwrap_or_else(|_| root.path().into());
+    if abs.starts_with(&root_abs) {
+        return Err(ImportError::SourceInRoot {
+            path: path.clone(),
+            root: root_abs,
+        });
+    }
+    Ok(())
+}
+
+/// The root's path relative to the source's top, when the source's tree holds it (a local
+/// directory above the root, `root@localhost:/`, or a machine whose cowherd root is at the
+/// same path): it is left out of every import.
+fn root_below_source(root: &HostRoot, source: &Source) -> Option<PathBuf> {
+    let top = match source {
+        Source::Local(path) => std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()),
+        Source::Ssh { path, .. } => path.clone(),
+        _ => return None,
+    };
+    let root_abs = std::fs::canonicalize(root.path()).unwrap_or_else(|_| root.path().into());
+    root_abs
+        .strip_prefix(&top)
+        .ok()
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .map(Path::to_path_buf)
 }
 
 /// Checks a local source before anything is made: a directory, or a tarball file.
@@ -1008,8 +1233,10 @@ fn split_rsh(rsh: &str) -> Vec<String> {
 
 /// Fills `dest` from the source: the rsync passes (main, then one per included mount; each
 /// with `--link-dest` into `link_dest` if given), or tar. Counts into `report`.
+#[allow(clippy::too_many_arguments)]
 fn fill(
     tools: &Tools,
+    root: &HostRoot,
     source: &Source,
     opts: &ImportOptions,
     included: &[PathBuf],
@@ -1020,8 +1247,16 @@ fn fill(
     if let Source::Tarball(tarball) = source {
         return untar(tools, tarball, dest, report);
     }
-    let swaps = local_swap_files(source);
+    let mut swaps = local_swap_files(source);
     let mut excluded: Vec<String> = EXCLUDED.iter().map(|s| s.to_string()).collect();
+    // A cowherd root is never copied into a guest (its index, its store, every guest).
+    if let Some(rel) = root_below_source(root, source) {
+        report.warnings.push(format!(
+            "left out /{}: the path of this host's cowherd root (a cowherd root is never copied into a guest)",
+            rel.display()
+        ));
+        swaps.push(rel);
+    }
     for swap in &swaps {
         let pattern = Path::new("/").join(swap).display().to_string();
         if !excluded.contains(&pattern) {

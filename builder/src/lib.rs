@@ -22,8 +22,8 @@ pub use error::Error;
 pub use exec::{Exec, ExecOutput};
 pub use identity::{give_identity, validate_hostname};
 pub use import::{
-    EXCLUDED, Fixups, GUEST_INTERFACES, ImportError, ImportOptions, ImportReport, MASKED_UNITS,
-    NEUTRAL_FSTAB, ORIG_SUFFIX, Source, apply_fixups, import,
+    EXCLUDED, Fixups, GUEST_INTERFACES, GuestChanges, ImportError, ImportOptions, ImportReport,
+    MASKED_UNITS, NEUTRAL_FSTAB, ORIG_SUFFIX, Source, apply_fixups, import,
 };
 pub use template::{
     Base, Bootstrapper, Location, Template, TemplateError, TemplateOrigin, TemplateSet,

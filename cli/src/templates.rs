@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use cowherd_builder::{Base, Built, TemplateOrigin, TemplateSet};
+use cowherd_builder::{Base, Built, GuestChanges, TemplateOrigin, TemplateSet};
 use cowherd_unify::{HostRoot, UnifyOptions};
 use serde::Serialize;
 
@@ -446,6 +446,15 @@ pub struct ImportArgs {
     /// (the final sync after stopping services on the source), then the fixups again.
     #[arg(long)]
     resync: bool,
+    /// With --resync: where the guest changed a path since its last import (folded into
+    /// base or still in its upper layer), keep the guest's version; the paths the machine
+    /// changed too are listed.
+    #[arg(long, requires = "resync", conflicts_with = "discard_guest_changes")]
+    keep_guest_changes: bool,
+    /// With --resync: take the machine's version of every path, keeping the guest's versions
+    /// in guests/NAME/discarded/TIME/ (its `changes` file lists them).
+    #[arg(long, requires = "resync")]
+    discard_guest_changes: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -466,11 +475,44 @@ pub fn import(root: &HostRoot, args: ImportArgs, bars: &Bars) -> Result<u8> {
         include_mounts: args.include_mount,
         rsh: args.rsh,
         resync: args.resync,
+        guest_changes: if args.keep_guest_changes {
+            GuestChanges::Keep
+        } else if args.discard_guest_changes {
+            GuestChanges::Discard
+        } else {
+            GuestChanges::Refuse
+        },
     };
     let mark = cowherd_unify::store_mark(root)?;
-    let import = cowherd_builder::import(root, &args.guest, &source, &opts)?;
-    let names = [args.guest.clone()];
-    let unify = cowherd_unify::unify(root, &names, &UnifyOptions::default(), bars)?;
+    let import = match cowherd_builder::import(root, &args.guest, &source, &opts) {
+        Err(cowherd_builder::ImportError::GuestChanged {
+            name,
+            count,
+            first: _,
+            discard_dir,
+            changes,
+        }) => {
+            if args.json {
+                print_json(&serde_json::json!({ "guest": name, "guest_changes": changes }))?;
+            } else {
+                for change in &changes {
+                    outln!("changed by the guest: {change}");
+                }
+            }
+            return Err(cowherd_builder::ImportError::GuestChanged {
+                name,
+                count,
+                first: "listed above".to_string(),
+                discard_dir,
+                changes: Vec::new(),
+            }
+            .into());
+        }
+        other => other?,
+    };
+    // Shared with every guest, not only with the store's objects: an unshared file of another
+    // guest that equals one of this machine's becomes one object now.
+    let unify = cowherd_unify::unify(root, &[], &UnifyOptions::default(), bars)?;
     let already = cowherd_unify::already_stored(root, &args.guest, mark)?;
     let code = if unify.failures.is_empty() {
         0
@@ -492,7 +534,7 @@ pub fn import(root: &HostRoot, args: ImportArgs, bars: &Bars) -> Result<u8> {
         return Ok(code);
     }
     outln!(
-        "{} {} from {}: {} files, {} ({} transferred)",
+        "{} {} from {}: {} entries ({} regular files, {}; {} transferred)",
         if import.resync {
             "resynced"
         } else {
@@ -501,9 +543,24 @@ pub fn import(root: &HostRoot, args: ImportArgs, bars: &Bars) -> Result<u8> {
         import.guest,
         import.source,
         import.files,
-        fmt::bytes(import.bytes),
+        already.files,
+        fmt::bytes(already.bytes),
         fmt::bytes(import.transferred_bytes)
     );
+    for change in &import.guest_changes {
+        let verb = if import.discarded_to.is_some() {
+            "discarded"
+        } else {
+            "kept"
+        };
+        outln!("  guest's change {verb}: {change}");
+    }
+    for path in &import.not_taken {
+        outln!(
+            "  the machine's newer version not taken: {}",
+            path.display()
+        );
+    }
     for fixup in &import.fixups {
         outln!("  fixup: {fixup}");
     }
@@ -514,7 +571,7 @@ pub fn import(root: &HostRoot, args: ImportArgs, bars: &Bars) -> Result<u8> {
         );
     }
     outln!(
-        "already in the store: {} of its {} files, {} of {} ({:.0}%); unify linked {} files, saved {}",
+        "already in the store: {} of these {} files, {} of {} ({:.0}%); unify linked {} files, saved {}",
         already.stored_files,
         already.files,
         fmt::bytes(already.stored_bytes),

@@ -148,6 +148,21 @@ pub enum Error {
         /// The offending path.
         path: PathBuf,
     },
+    /// A tree holding overlayfs's own metadata, which a guest's overlay would obey instead of
+    /// showing (DESIGN-NOTES fact 15).
+    #[error(
+        "{path} holds {count} entries that overlayfs would take for its own metadata \
+         (whiteouts: 0/0 character devices; trusted.overlay.* xattrs), e.g. {first}: a guest \
+         would not see them as they are; remove them (image layers belong unpacked) and try again"
+    )]
+    OverlayMetadata {
+        /// The tree.
+        path: PathBuf,
+        /// How many entries.
+        count: usize,
+        /// The first few, guest-absolute.
+        first: String,
+    },
 }
 
 /// The library's result type.

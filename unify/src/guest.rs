@@ -227,6 +227,14 @@ pub fn adopt(root: &HostRoot, src: &Path, name: &str, in_place: bool) -> Result<
             path: dest,
         });
     }
+    let (_, foreign) = crate::manifest::TreeManifest::take(&abs)?;
+    if !foreign.paths.is_empty() {
+        return Err(Error::OverlayMetadata {
+            path: abs,
+            count: foreign.paths.len(),
+            first: crate::manifest::first_paths(&foreign.paths),
+        });
+    }
     let staging = root.guests_dir().join(format!(".{name}{ADOPTING}"));
     if std::fs::symlink_metadata(&staging).is_ok() {
         std::fs::remove_dir_all(&staging).at(&staging)?;

@@ -13,6 +13,7 @@ mod index;
 mod key;
 mod lifecycle;
 mod maintain;
+mod manifest;
 mod memory;
 mod mountinfo;
 mod open;
@@ -46,6 +47,11 @@ pub use lifecycle::{DestroyReport, ExportReport, SplitReport, destroy, export, s
 pub use maintain::{
     AlreadyStored, GcReport, GuestStats, Stats, TopObject, Totals, already_stored, gc, stats,
     store_mark,
+};
+pub use manifest::{
+    ChangeKind, DISCARDED_DIR, GuestChange, LINKDEST_DIR, Layer, MANIFEST_FILE, OverlayMetadata,
+    TreeManifest, changed_by_both, discard_guest_changes, guest_changes, keep_guest_changes,
+    load_manifest,
 };
 pub use memory::{MemoryObject, MemoryStats, memory_stats};
 pub use mountinfo::{MountEntry, parse_mountinfo, read_mountinfo};
