@@ -181,6 +181,9 @@ fn export_of_a_unified_changed_guest_holds_its_merged_view() {
             .arg(&out)
             .assert()
             .success();
+        // Closed to other users until opened: then it is the merged view.
+        assert_eq!(fs::metadata(&out).unwrap().mode() & 0o7777, 0o700);
+        fs::set_permissions(&out, fs::Permissions::from_mode(merged[&b""[..]].mode)).unwrap();
         assert_same_content_and_metadata(&merged, &manifest(&out));
         merged
     };
@@ -553,4 +556,147 @@ fn an_exported_tarball_is_readable_by_root_only_and_never_written_through_a_syml
         .unwrap();
     assert_one_line_error(&out, 1);
     assert_eq!(fs::read(&victim).unwrap(), b"keep");
+}
+
+/// `chattr FLAGS PATH`, asserting success.
+fn chattr(flags: &str, p: &Path) {
+    let st = Command::new("chattr").arg(flags).arg(p).status().unwrap();
+    assert!(st.success(), "chattr {flags} {}", p.display());
+}
+
+#[test]
+fn split_keeps_a_hardlink_group_of_the_guest_one_inode_with_its_flags() {
+    assert_root();
+    let s = Scratch::new("split-group");
+    let root = init_root(s.path());
+    let body = content("grouped", 20_000);
+    // g1 holds one inode at two paths (in two directories), with a flag of its own (nodump);
+    // g2 the same file once. The group's inode, all of whose links unify links, becomes the
+    // store object, flag and all.
+    adopt_built(&root, s.path(), "g1", |d| {
+        TreeBuilder::new(d)
+            .file("usr/lib/a", &body)
+            .hardlink("usr/lib/a", "usr/bin/b")
+            .file("etc/hostname", b"g1\n");
+        chattr("+d", &d.join("usr/lib/a"));
+    });
+    adopt_built(&root, s.path(), "g2", |d| {
+        TreeBuilder::new(d).file("usr/lib/a", &body);
+    });
+    cowherd(&root).args(["unify", "--all"]).assert().success();
+    let (b1, b2) = (base(&root, "g1"), base(&root, "g2"));
+    let object = store_inodes(&root)[&ino(&b1.join("usr/lib/a"))].clone();
+    assert_eq!(ino(&b1.join("usr/bin/b")), object.dev_ino);
+    assert_eq!(ino(&b2.join("usr/lib/a")), object.dev_ino);
+    assert!(
+        inode_flags(&object.path).contains('d'),
+        "fixture: g1's inode is the object"
+    );
+    let before = manifest(&b1);
+
+    let report = run_json(cowherd(&root).args(["split", "g1", "/usr/lib/a", "--json"]));
+    let mut split: Vec<&str> = report["split"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    split.sort();
+    assert_eq!(split, ["/usr/bin/b", "/usr/lib/a"], "{report}");
+    assert_eq!(
+        report["copied_bytes"], 20_000,
+        "one copy for the group: {report}"
+    );
+
+    // What g1 sees is unchanged, its link group included; now one private inode.
+    let after = manifest(&b1);
+    assert_same_content_and_metadata(&before, &after);
+    assert_groups_kept(&before, &after);
+    let (a, b) = (b1.join("usr/lib/a"), b1.join("usr/bin/b"));
+    assert_eq!(ino(&a), ino(&b), "a and b are one inode again");
+    assert_ne!(ino(&a), object.dev_ino, "a private inode, not the store's");
+    assert_eq!(nlink(&a), 2);
+    assert!(
+        inode_flags(&a).contains('d'),
+        "g1's flag is kept: {}",
+        inode_flags(&a)
+    );
+    // A write through one path reaches the other; the object still serves g2, unchanged.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&a)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"more"))
+        .unwrap();
+    assert_eq!(fs::read(&b).unwrap(), [body.as_slice(), b"more"].concat());
+    assert_eq!(ino(&b2.join("usr/lib/a")), object.dev_ino);
+    assert_eq!(fs::read(&object.path).unwrap(), body);
+    assert_eq!(nlink(&object.path), 2, "the store's name and g2's");
+}
+
+#[test]
+fn an_exported_tree_is_closed_to_other_users_until_it_is_opened() {
+    assert_root();
+    let s = Scratch::new("export-closed");
+    fs::set_permissions(s.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let root = init_root(s.path());
+    adopt_built(&root, s.path(), "g", |d| {
+        TreeBuilder::new(d)
+            .file_with(
+                "usr/bin/su",
+                &content("su", 4_000),
+                0o4755,
+                0,
+                0,
+                DEFAULT_MTIME,
+            )
+            .file("etc/hostname", b"g\n");
+    });
+    let dest = s.join("exported");
+    let out = cowherd(&root)
+        .args(["export", "g"])
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("0700"), "the output names the mode: {said}");
+    let open = format!("chmod 755 {}", dest.display());
+    assert!(
+        said.contains(&open),
+        "the output says how to open it: {said}"
+    );
+    assert_eq!(
+        fs::metadata(&dest).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
+    // The check is real: `nobody` reaches the directory above DEST, nothing in it, and the
+    // guest's setuid-root file not at all.
+    let nobody = |argv: &[&Path]| {
+        as_user_nobody(argv[0])
+            .args(&argv[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("setpriv (util-linux) runs")
+            .success()
+    };
+    let su = dest.join("usr/bin/su");
+    assert_eq!(
+        fs::metadata(&su).unwrap().permissions().mode() & 0o7777,
+        0o4755
+    );
+    assert!(nobody(&[Path::new("ls"), s.path()]));
+    assert!(!nobody(&[Path::new("ls"), &dest]), "nobody listed DEST");
+    assert!(!nobody(&[Path::new("stat"), &su]), "nobody reached {su:?}");
+    // Opened as the output says, it is the guest's tree, its top's mode included.
+    assert!(
+        Command::new("sh")
+            .arg("-c")
+            .arg(&open)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(nobody(&[Path::new("ls"), &dest]));
+    assert_same_content_and_metadata(&manifest(&base(&root, "g")), &manifest(&dest));
 }

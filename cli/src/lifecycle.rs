@@ -262,9 +262,23 @@ pub fn export(root: &HostRoot, guest: &str, dest: &Path, tar: bool, json: bool) 
             dest.display()
         );
     } else if !tar {
-        outln!("exported {guest} to {} (directory)", dest.display());
-        eprintln!(
-            "note: {} holds the guest's setuid-root files, which are setuid-root on this host too: keep it where only root can reach it",
+        let mode = match r
+            .guest_top_mode
+            .as_deref()
+            .map(|m| m.trim_start_matches('0'))
+        {
+            Some("") => "0",
+            Some(m) => m,
+            None => "755",
+        };
+        outln!(
+            "exported {guest} to {} (directory, mode 0700: it holds the guest's setuid-root files, \
+             setuid-root for every host user who can reach them)",
+            dest.display()
+        );
+        outln!(
+            "to open it to other users once those are dealt with, give it the guest's mode: \
+             `chmod {mode} {}`",
             dest.display()
         );
     }

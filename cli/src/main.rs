@@ -132,7 +132,8 @@ upper/ and work/ are empty. Then `cowherd unify GUEST` shares what can be shared
     Export {
         /// The guest.
         guest: String,
-        /// A new directory, or with --tar a new file (`-` for standard output).
+        /// A new directory (its top 0700: it holds the guest's setuid-root files), or with
+        /// --tar a new file (0600; `-` for standard output).
         dest: PathBuf,
         /// Write a POSIX tarball (GNU tar, with xattrs, ACLs and nanosecond mtimes).
         #[arg(long)]
@@ -243,7 +244,7 @@ are shared, immutable paths are shared and get the inode's immutable flag."
     /// Remove store objects no guest links to any more.
     Gc {
         /// List what would be removed; remove nothing.
-        #[arg(long)]
+        #[arg(short = 'n', long)]
         dry_run: bool,
         /// Print JSON.
         #[arg(long)]

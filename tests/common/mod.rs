@@ -1620,3 +1620,15 @@ pub fn other_mount_namespace() -> KillOnDrop {
     });
     child
 }
+
+/// `setpriv --reuid=65534 --regid=65534 --clear-groups -- PROGRAM`: a command that runs as the
+/// unprivileged user `nobody` (util-linux `setpriv`); add its arguments.
+pub fn as_user_nobody(program: impl AsRef<OsStr>) -> std::process::Command {
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(program)
+        .env_remove("COWHERD_ROOT")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null());
+    c
+}

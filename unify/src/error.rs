@@ -134,8 +134,8 @@ pub enum Error {
     /// A marker policy is invalid.
     #[error(transparent)]
     Policy(#[from] PolicyError),
-    /// The index database failed.
-    #[error("index {path}: {error}")]
+    /// The index database failed (a damaged file: the message names `index rebuild`).
+    #[error("index {path}: {error}{}", crate::index::damage_hint(.path, .error))]
     Index {
         /// The database file.
         path: PathBuf,

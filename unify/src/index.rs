@@ -137,6 +137,30 @@ pub(crate) fn record_link(
     Ok(())
 }
 
+/// Whether SQLite found the index file damaged (`SQLITE_CORRUPT`, `SQLITE_NOTADB`): the fix is
+/// `index rebuild`, not a retry.
+pub(crate) fn is_damaged(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// What [`Error::Index`] adds to SQLite's message when it says the file at `path` (the root's
+/// `index.db`) is damaged: the command that makes it again. Empty for any other error.
+pub(crate) fn damage_hint(path: &Path, error: &rusqlite::Error) -> String {
+    if !is_damaged(error) {
+        return String::new();
+    }
+    let root = path.parent().unwrap_or(path);
+    format!(
+        ": the index is damaged; run `cowherd --root {} index rebuild` (it keeps the damaged \
+         file aside and makes the index again from the store and the guests; no guest file \
+         changes)",
+        root.display()
+    )
+}
+
 /// The directory part and the name of a guest path (`a/b/c` → `a/b`, `c`; `c` → ``, `c`).
 pub(crate) fn split_path(rel: &[u8]) -> (&[u8], &[u8]) {
     crate::fsx::split_parent(rel)

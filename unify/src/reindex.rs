@@ -41,7 +41,8 @@ pub struct RebuildReport {
 /// Makes the index of the root at `path` again: every store object re-hashed and recorded
 /// (found by its name, as a run does), then every guest scanned, its store links recognised
 /// by inode. An index that still opens is emptied (after the recovery every writer runs); one
-/// that does not is kept aside as `index.db.damaged-<unix time>`. Template trees are not
+/// that does not, or whose rows SQLite finds damaged, is kept aside as
+/// `index.db.damaged-<unix time>`. Template trees are not
 /// guests: the caller rescans them with [`crate::unify_tree`] under their policies. Returns
 /// the root, open for writing.
 ///
@@ -53,27 +54,17 @@ pub fn rebuild_index(path: &Path, progress: &dyn Progress) -> Result<(HostRoot, 
     let db = path.join("index.db");
     let root = if std::fs::symlink_metadata(&db).is_ok() {
         match HostRoot::open(path, Access::Write) {
-            Ok(root) => {
-                root.index
-                    .conn
-                    .execute_batch(
-                        "BEGIN; DELETE FROM files; DELETE FROM dirs; DELETE FROM objects;
-                         DELETE FROM guests; COMMIT; VACUUM;",
-                    )
-                    .map_err(|e| root.index.err(e))?;
-                root
-            }
-            Err(Error::Index { .. } | Error::BadRecord { .. }) => {
-                let kept = path.join(format!("index.db.damaged-{}", unix_now()));
-                std::fs::rename(&db, &kept).map_err(|e| Error::Io {
-                    path: db.clone(),
-                    error: e,
-                })?;
-                for side in ["index.db-wal", "index.db-shm"] {
-                    let _ = std::fs::remove_file(path.join(side));
+            Ok(root) => match empty_index(&root) {
+                Ok(()) => root,
+                // Damage the open could not see (it reads the schema and the journal only).
+                Err(Error::Index { error, .. }) if crate::index::is_damaged(&error) => {
+                    drop(root);
+                    keep_damaged_aside(path, &mut report)?
                 }
-                report.damaged_kept_as = Some(kept.display().to_string());
-                HostRoot::open_new_index(path)?
+                Err(e) => return Err(e),
+            },
+            Err(Error::Index { .. } | Error::BadRecord { .. }) => {
+                keep_damaged_aside(path, &mut report)?
             }
             Err(e) => return Err(e),
         }
@@ -95,6 +86,33 @@ pub fn rebuild_index(path: &Path, progress: &dyn Progress) -> Result<(HostRoot, 
     report.files = files as u64;
     report.linked_files = linked as u64;
     Ok((root, report))
+}
+
+/// Empties an index that opens: every row goes, the file stays.
+fn empty_index(root: &HostRoot) -> Result<()> {
+    root.index
+        .conn
+        .execute_batch(
+            "BEGIN; DELETE FROM files; DELETE FROM dirs; DELETE FROM objects;
+             DELETE FROM guests; COMMIT; VACUUM;",
+        )
+        .map_err(|e| root.index.err(e))
+}
+
+/// Renames the damaged `index.db` of the root at `path` to `index.db.damaged-<unix time>`
+/// (its WAL files dropped) and opens the root with a new, empty index.
+fn keep_damaged_aside(path: &Path, report: &mut RebuildReport) -> Result<HostRoot> {
+    let db = path.join("index.db");
+    let kept = path.join(format!("index.db.damaged-{}", unix_now()));
+    std::fs::rename(&db, &kept).map_err(|e| Error::Io {
+        path: db.clone(),
+        error: e,
+    })?;
+    for side in ["index.db-wal", "index.db-shm"] {
+        let _ = std::fs::remove_file(path.join(side));
+    }
+    report.damaged_kept_as = Some(kept.display().to_string());
+    HostRoot::open_new_index(path)
 }
 
 /// Re-hashes every store object in parallel and records those whose name still matches what

@@ -126,20 +126,29 @@ impl HostRoot {
     /// repairing anything (see `HostRoot::open`).
     ///
     /// # Errors
-    /// [`Error::NotARoot`] if `path` has no index, [`Error::CrossFilesystem`] or
+    /// [`Error::NotARoot`] if `path` has no index, [`Error::Io`] (`EACCES`, saying that the
+    /// root is root's only) for another user, [`Error::CrossFilesystem`] or
     /// [`Error::Symlink`] if the layout is broken, [`Error::Locked`] if another writer is
     /// running (for [`Access::Write`]).
     pub(crate) fn open_layout(path: &Path, access: Access) -> Result<HostRoot> {
-        if std::fs::symlink_metadata(path.join("index.db")).is_err() {
-            return Err(if store_has_objects(path) {
-                Error::IndexMissing {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                Error::NotARoot {
-                    path: path.to_path_buf(),
-                }
-            });
+        match std::fs::symlink_metadata(path.join("index.db")) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(if store_has_objects(path) {
+                    Error::IndexMissing {
+                        path: path.to_path_buf(),
+                    }
+                } else {
+                    Error::NotARoot {
+                        path: path.to_path_buf(),
+                    }
+                });
+            }
+            // Not "no index": the root is there, and closed to this user.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(root_only(path));
+            }
+            Err(e) => return Err(e).at(path.join("index.db")),
         }
         let path = std::fs::canonicalize(path).at(path)?;
         let root_fd = fsx::open_dir(&path)?;
@@ -275,6 +284,19 @@ impl HostRoot {
                 other: self.objects_dir(),
             })
         }
+    }
+}
+
+/// The error of a user other than root reaching for a root: it is reachable by root only
+/// ([`HostRoot::restrict_access`]), so `EACCES` says who may use it, not that it is missing.
+fn root_only(path: &Path) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        error: std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "permission denied: a cowherd root is reachable by root only (its guests' \
+             setuid-root files would be setuid-root for every host user); run cowherd as root",
+        ),
     }
 }
 
