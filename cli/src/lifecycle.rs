@@ -158,6 +158,11 @@ pub fn fold(root: &HostRoot, select: &Select, opts: &FoldOptions, json: bool) ->
         reports.iter().for_each(print_fold);
         skipped_note(&skipped, "fold");
     }
+    // The failures name guest paths: say once which filesystem refused them, and why.
+    let failures = reports.iter().flat_map(|r| &r.failures);
+    if let Some(hint) = crate::filesystem_hint(root.path(), failures.map(|f| f.error.as_str())) {
+        eprintln!("error: upper layers kept (nothing lost): {hint}");
+    }
     Ok(code)
 }
 

@@ -331,13 +331,80 @@ fn main() -> ExitCode {
     // grow with the threads that touched them (see `bound_malloc_arenas`).
     cowherd_unify::bound_malloc_arenas(2);
     let cli = Cli::parse();
+    // `demo` works in a root of its own, `export` writes outside the root: a full or
+    // read-only filesystem there is not the root's.
+    let root = (!matches!(cli.command, Command::Demo { .. } | Command::Export { .. }))
+        .then(|| cli.root.clone());
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let message = format!("{e:#}");
+            match root.and_then(|root| filesystem_hint(&root, [message.as_str()])) {
+                Some(hint) => eprintln!("error: {message}: {hint}"),
+                None => eprintln!("error: {message}"),
+            }
             ExitCode::from(1)
         }
     }
+}
+
+/// What the kernel and SQLite say of a write to a full filesystem (ENOSPC, SQLITE_FULL).
+const FULL: [&str; 2] = ["No space left on device", "database or disk is full"];
+/// What they say of a write to a read-only filesystem (EROFS, SQLITE_READONLY).
+const READ_ONLY: [&str; 2] = ["Read-only file system", "readonly database"];
+/// What they say of a write that failed for a reason they do not name: SQLite reports a
+/// write refused with EROFS as a "disk I/O error".
+const IO_ERROR: [&str; 2] = ["disk I/O error", "Input/output error"];
+
+/// If the error `messages` show the filesystem of `root` full or read-only: one sentence
+/// naming the root, what is wrong with its filesystem and what to do, for the error line. A
+/// run that failed so left every guest as it was or as a killed run leaves it; the next run
+/// finishes the work.
+pub(crate) fn filesystem_hint<'a>(
+    root: &Path,
+    messages: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    let mut io_error = false;
+    for message in messages {
+        if let Some(cause) = FULL.iter().find(|m| message.contains(*m)) {
+            return Some(format!(
+                "the filesystem of {} is full ({cause}): free space on it, then run the command \
+                 again",
+                root.display()
+            ));
+        }
+        if let Some(cause) = READ_ONLY.iter().find(|m| message.contains(*m)) {
+            return Some(read_only_hint(root, &format!("read-only ({cause})")));
+        }
+        io_error |= IO_ERROR.iter().any(|m| message.contains(m));
+    }
+    (io_error && read_only_now(root)).then(|| read_only_hint(root, "read-only now"))
+}
+
+/// The hint for a root whose filesystem `is` read-only.
+fn read_only_hint(root: &Path, is: &str) -> String {
+    format!(
+        "the filesystem of {} is {is}: make it writable again (after a filesystem error: \
+         umount, fsck, mount), then run the command again",
+        root.display()
+    )
+}
+
+/// Whether the filesystem holding `root` is read-only now: mounted `ro`, or turned read-only
+/// by the kernel after an error — which ext4 shows as `emergency_ro` among the superblock's
+/// options in mountinfo, not in `statvfs`.
+fn read_only_now(root: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(meta), Ok(mounts)) = (
+        std::fs::metadata(root),
+        cowherd_unify::read_mountinfo(Path::new("/proc/self/mountinfo")),
+    ) else {
+        return false;
+    };
+    mounts
+        .iter()
+        .filter(|m| m.st_dev() == meta.dev())
+        .any(|m| m.option("ro").is_some() || m.option("emergency_ro").is_some())
 }
 
 fn open(root: &Path, access: Access) -> Result<HostRoot> {
@@ -630,6 +697,13 @@ fn unify(root: &Path, args: UnifyArgs, bars: &Bars) -> Result<u8> {
     let report = cowherd_unify::unify(&root, &args.select.guests, &opts, bars)?;
     for failure in &report.failures {
         eprintln!("warning: {failure}");
+    }
+    let errors = report.failures.iter().map(|f| f.error.as_str());
+    if let Some(hint) = filesystem_hint(root.path(), errors) {
+        eprintln!(
+            "warning: {} files not unified: {hint}",
+            report.failures.len()
+        );
     }
     if args.json {
         print_json(&report)?;
