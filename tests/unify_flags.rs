@@ -131,7 +131,11 @@ fn a_guests_immutable_and_append_only_files_are_skipped_not_failed() {
     ];
     assert_eq!(after, before, "the flagged files keep their inodes");
     let objects = store_inodes(&root);
-    for rel in ["usr/lib/locked.so", "usr/lib/journal.log", "usr/share/doc/readme"] {
+    for rel in [
+        "usr/lib/locked.so",
+        "usr/lib/journal.log",
+        "usr/share/doc/readme",
+    ] {
         let (b, c) = (base(&root, "b").join(rel), base(&root, "c").join(rel));
         assert_eq!(ino(&b), ino(&c), "b's and c's {rel} are shared");
         assert!(objects.contains_key(&ino(&b)), "{rel} is a store link");
@@ -177,9 +181,17 @@ fn files_whose_inode_flags_differ_never_share_an_inode() {
 
     let (code, report, stderr) = unify_json(&root, &["--all"]);
     assert_eq!(code, Some(0), "unify --all: {stderr}\n{report:#}");
-    assert_eq!(inode_flags(&flagged), flags_before, "lsattr of the flagged file");
+    assert_eq!(
+        inode_flags(&flagged),
+        flags_before,
+        "lsattr of the flagged file"
+    );
     assert_eq!(guest_flags(&flagged), "dA");
-    assert_eq!(inode(&flagged), ino_before, "the flagged file keeps its inode");
+    assert_eq!(
+        inode(&flagged),
+        ino_before,
+        "the flagged file keeps its inode"
+    );
     // Its identical, unflagged copies — in its own guest and in the other — share one inode,
     // which carries no flag.
     let plain = [
@@ -188,7 +200,12 @@ fn files_whose_inode_flags_differ_never_share_an_inode() {
         base(&root, "b").join("usr/share/plain.dat"),
     ];
     for p in &plain {
-        assert_ne!(ino(p), ino(&flagged), "{} shares the flagged inode", p.display());
+        assert_ne!(
+            ino(p),
+            ino(&flagged),
+            "{} shares the flagged inode",
+            p.display()
+        );
         assert_eq!(ino(p), ino(&plain[0]), "{} is shared", p.display());
         assert_eq!(guest_flags(p), "", "{}", p.display());
     }
@@ -204,6 +221,120 @@ fn files_whose_inode_flags_differ_never_share_an_inode() {
     assert_eq!(skipped_flagged(&report), vec![], "{report:#}");
     assert_ne!(ino(&plain[0]), ino(&flagged));
     assert_eq!(guest_flags(&flagged), "dA");
+}
+
+/// Adds the marker rule `rule` to guest `name`'s policy.
+fn add_policy_rule(root: &Path, name: &str, rule: &str) {
+    let toml = root.join("guests").join(name).join("guest.toml");
+    let mut text = fs::read_to_string(&toml).unwrap();
+    assert!(!text.contains("[policy]"), "{text}");
+    text.push_str(&format!("\n[policy]\nrules = [\"{rule}\"]\n"));
+    fs::write(&toml, text).unwrap();
+}
+
+/// The immutable flag cowherd itself puts on `immutable` store objects is not a guest's flag:
+/// paths linked to such an object stay linked run after run, and a new guest's copy joins it.
+#[test]
+fn cowherds_own_immutable_flag_on_store_objects_is_not_a_guests_flag() {
+    assert_root();
+    let s = Scratch::new("flags-marker");
+    let root = init_root(s.path());
+    let rule = "immutable /usr/lib/locked.so";
+    for name in ["a", "b"] {
+        adopt_built(&root, s.path(), name, guest_tree);
+        add_policy_rule(&root, name, rule);
+    }
+    let (code, report, stderr) = unify_json(&root, &["--all"]);
+    assert_eq!(code, Some(0), "unify --all: {stderr}\n{report:#}");
+    let p = |g: &str| base(&root, g).join("usr/lib/locked.so");
+    assert_eq!(ino(&p("a")), ino(&p("b")));
+    assert_eq!(store_inodes(&root)[&ino(&p("a"))].marker, 'i');
+    assert_eq!(guest_flags(&p("a")), "i", "cowherd's own flag");
+
+    adopt_built(&root, s.path(), "c", guest_tree);
+    add_policy_rule(&root, "c", rule);
+    for run in 1..=2 {
+        let (code, report, stderr) = unify_json(&root, &["--all"]);
+        assert_eq!(code, Some(0), "run {run}: {stderr}\n{report:#}");
+        assert_eq!(report["failures"], serde_json::json!([]), "{report:#}");
+        assert_eq!(skipped_flagged(&report), vec![], "run {run}: {report:#}");
+        assert_eq!(ino(&p("c")), ino(&p("a")), "run {run}: c joined the object");
+        assert_eq!(ino(&p("b")), ino(&p("a")), "run {run}");
+        assert_eq!(guest_flags(&p("a")), "i", "run {run}");
+    }
+}
+
+/// The hash cowherd keeps of a file's xattrs (`key::xattr_hash`): names and values, sorted.
+fn xattr_hash(p: &Path) -> Vec<u8> {
+    let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = xattr::list(p)
+        .unwrap()
+        .map(|n| {
+            let value = xattr::get(p, &n).unwrap().unwrap_or_default();
+            (n.as_encoded_bytes().to_vec(), value)
+        })
+        .collect();
+    xattrs.sort();
+    let mut h = blake3::Hasher::new();
+    h.update(b"cowherd-xattrs-v1");
+    for (name, value) in xattrs {
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(&name);
+        h.update(&(value.len() as u64).to_le_bytes());
+        h.update(&value);
+    }
+    h.finalize().as_bytes().to_vec()
+}
+
+/// A host hit by defect 7 has an index (schema 3) in which the guest's flagged file was hashed
+/// (and then failed to link): its row holds hashes but no flags. The upgraded cowherd reads that
+/// file again rather than trust those hashes, and the nightly unify stops failing.
+#[test]
+fn a_flagged_file_hashed_by_an_index_without_flags_is_read_again_and_skipped() {
+    assert_root();
+    let s = Scratch::new("flags-upgrade");
+    let root = init_root(s.path());
+    for name in ["a", "b", "c"] {
+        adopt_built(&root, s.path(), name, guest_tree);
+    }
+    let locked = base(&root, "a").join("usr/lib/locked.so");
+    chattr("+i", &locked);
+    let (code, report, stderr) = unify_json(&root, &["--all"]);
+    assert_eq!(code, Some(0), "unify --all: {stderr}\n{report:#}");
+
+    // The index as schema 3 left it: no flags column, the file's hashes kept.
+    {
+        let db = rusqlite::Connection::open(root.join("index.db")).unwrap();
+        let chash = blake3::hash(&fs::read(&locked).unwrap())
+            .as_bytes()
+            .to_vec();
+        let changed = db
+            .execute(
+                "UPDATE files SET chash = ?1, xhash = ?2
+                 WHERE name = CAST('locked.so' AS BLOB) AND dir IN (SELECT d.id FROM dirs d
+                   JOIN guests g ON g.id = d.guest_id WHERE g.name = 'a')",
+                rusqlite::params![chash, xattr_hash(&locked)],
+            )
+            .unwrap();
+        assert_eq!(changed, 1, "a's row of usr/lib/locked.so");
+        db.execute_batch("ALTER TABLE files DROP COLUMN flags; PRAGMA user_version = 3;")
+            .unwrap();
+    }
+    let (code, report, stderr) = unify_json(&root, &["--all"]);
+    assert_eq!(
+        code,
+        Some(0),
+        "unify --all after the upgrade: {stderr}\n{report:#}"
+    );
+    assert_eq!(report["failures"], serde_json::json!([]), "{report:#}");
+    assert_eq!(
+        skipped_flagged(&report),
+        vec![("a".to_string(), "/usr/lib/locked.so".to_string())],
+        "read again once: {report:#}"
+    );
+    assert_eq!(guest_flags(&locked), "i");
+    let (code, report, stderr) = unify_json(&root, &["--all"]);
+    assert_eq!(code, Some(0), "next unify --all: {stderr}\n{report:#}");
+    assert_eq!(skipped_flagged(&report), vec![], "{report:#}");
 }
 
 /// Moves this test's thread — and the cowherd processes it starts — into a mount namespace of
@@ -254,7 +385,11 @@ fn a_flag_set_inside_the_guest_and_folded_does_not_break_unify_or_mount_fold() {
     cowherd(&root).args(["fold", "a"]).assert().success();
     let a = base(&root, "a");
     assert_eq!(guest_flags(&a.join("usr/lib/locked.so")), "i", "after fold");
-    assert_eq!(guest_flags(&a.join("usr/lib/journal.log")), "a", "after fold");
+    assert_eq!(
+        guest_flags(&a.join("usr/lib/journal.log")),
+        "a",
+        "after fold"
+    );
     let folded = [
         inode(&a.join("usr/lib/locked.so")),
         inode(&a.join("usr/lib/journal.log")),
@@ -279,7 +414,10 @@ fn a_flag_set_inside_the_guest_and_folded_does_not_break_unify_or_mount_fold() {
             inode(&a.join("usr/lib/locked.so")),
             inode(&a.join("usr/lib/journal.log")),
         ];
-        assert_eq!(now, folded, "run {run}: the flagged files keep their inodes");
+        assert_eq!(
+            now, folded,
+            "run {run}: the flagged files keep their inodes"
+        );
     }
 
     // Every start of the guest folds and unifies it: no warning, and the guest sees its flags.
@@ -289,7 +427,10 @@ fn a_flag_set_inside_the_guest_and_folded_does_not_break_unify_or_mount_fold() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "mount --fold, start {start}: {stderr}");
+        assert!(
+            out.status.success(),
+            "mount --fold, start {start}: {stderr}"
+        );
         assert!(
             !stderr.contains("warning"),
             "mount --fold, start {start}, warned:\n{stderr}"
