@@ -105,6 +105,7 @@ pub fn fold_and_unify(root: &HostRoot, name: &str, bars: &Bars) -> Result<()> {
                 unified.linked_files,
                 fmt::bytes(unified.saved_bytes)
             );
+            crate::flagged_note(&unified.skipped_flagged);
         }
         Err(e) => eprintln!("warning: not unified: {e}"),
     }

@@ -762,9 +762,34 @@ fn print_unify(r: &UnifyReport, verbose: bool) {
             r.skipped_changed
         );
     }
+    flagged_note(&r.skipped_flagged);
     lifecycle::skipped_note(&r.skipped_mounted, "unify");
     if !r.failures.is_empty() {
         outln!("{} failures (see warnings above)", r.failures.len());
+    }
+}
+
+/// Files shown by name in the human report of the flagged files a run left alone.
+const FLAGGED_SHOWN: usize = 10;
+
+/// The files a run found carrying inode flags and left alone (not failures): each is reported
+/// by the run that first reads it, so the list is the new ones.
+pub(crate) fn flagged_note(flagged: &[cowherd_unify::FlaggedPath]) {
+    if flagged.is_empty() {
+        return;
+    }
+    outln!(
+        "left alone {} files whose inode carries flags (chattr); such files are not shared:",
+        flagged.len()
+    );
+    for f in flagged.iter().take(FLAGGED_SHOWN) {
+        outln!("  {}:{} ({})", f.guest, f.path, f.flags);
+    }
+    if flagged.len() > FLAGGED_SHOWN {
+        outln!(
+            "  … and {} more (--json lists them all)",
+            flagged.len() - FLAGGED_SHOWN
+        );
     }
 }
 

@@ -12,8 +12,11 @@ use crate::root::HostRoot;
 ///
 /// # Algorithm
 /// `temp.sel` holds the selected guest ids. `temp.cand` copies the rows of their files whose
-/// marker is not private, whose size is at least `min_size` and that are not linked yet, with
-/// the grouping mtime (`mt`: 0 under `ignore_mtime`). `temp.sg` keeps only the size groups
+/// marker is not private, whose size is at least `min_size`, that are not linked yet and whose
+/// inode was not found carrying flags someone set (`files.flags`, read when the file was
+/// hashed: a flagged file is never eligible), with the grouping mtime (`mt`: 0 under
+/// `ignore_mtime`). A row's hashes count only with its flags read: those of a row whose flags
+/// are unknown (hashed by a cowherd that did not read them) are left out, so it is read again. `temp.sg` keeps only the size groups
 /// (size, mode, uid, gid, mt) worth reading: two distinct inodes, or an object of the same
 /// metadata already in the store — or every group, with `every_file`, which reads every
 /// candidate in full (`has_obj` set: no partial-hash stage).
@@ -54,11 +57,13 @@ pub(crate) fn candidate_tables(
         .execute(
             "CREATE TEMP TABLE cand AS
              SELECT guest_id, path, dir, name, ino, nlink, size, blocks, mode, uid, gid, mtime_ns,
-                    ctime_ns, CASE WHEN :ign THEN 0 ELSE mtime_ns END AS mt, marker, phash, chash,
-                    xhash
+                    ctime_ns, CASE WHEN :ign THEN 0 ELSE mtime_ns END AS mt, marker,
+                    CASE WHEN flags IS NULL THEN NULL ELSE phash END AS phash,
+                    CASE WHEN flags IS NULL THEN NULL ELSE chash END AS chash,
+                    CASE WHEN flags IS NULL THEN NULL ELSE xhash END AS xhash, flags
              FROM paths
              WHERE guest_id IN (SELECT id FROM sel) AND marker > 0 AND size >= :min
-               AND object_id IS NULL",
+               AND object_id IS NULL AND COALESCE(flags, 0) = 0",
             named_params! {":ign": ign, ":min": min_size as i64},
         )
         .map_err(|e| idx.err(e))?;

@@ -11,8 +11,9 @@ use crate::fsx::{self, Stat};
 use crate::guest::OpenGuest;
 use crate::key::{self, Hash32, PARTIAL_MIN_SIZE};
 use crate::progress::{Phase, Progress};
-use crate::report::{Failure, UnifyReport};
+use crate::report::{Failure, FlaggedPath, UnifyReport, flag_letters, guest_abs};
 use crate::root::HostRoot;
+use crate::sys;
 
 /// Hash jobs per parallel batch.
 const HASH_BATCH: i64 = 256;
@@ -53,6 +54,8 @@ pub(crate) enum Hashed {
         xhash: Hash32,
     },
     Changed,
+    /// The inode carries flags someone set ([`sys::user_flags`]): not eligible, not read.
+    Flagged(u32),
 }
 
 /// Makes `temp.jobs`: the inodes `stage` must read, one row each, in size-group order.
@@ -61,10 +64,11 @@ fn make_jobs(root: &HostRoot, stage: Stage) -> Result<(i64, i64)> {
     let idx = &root.index;
     let filter = match stage {
         Stage::Partial => {
-            "sg.size > :pmin AND NOT sg.has_obj AND c.chash IS NULL AND c.phash IS NULL"
+            "sg.size > :pmin AND NOT sg.has_obj AND c.chash IS NULL AND c.phash IS NULL
+             AND COALESCE(c.flags, 0) = 0"
         }
         Stage::Full => {
-            "c.chash IS NULL AND (sg.size <= :pmin OR sg.has_obj OR EXISTS(
+            "c.chash IS NULL AND COALESCE(c.flags, 0) = 0 AND (sg.size <= :pmin OR sg.has_obj OR EXISTS(
                 SELECT 1 FROM cand d WHERE d.size = c.size AND d.mode = c.mode AND d.uid = c.uid
                   AND d.gid = c.gid AND d.mt = c.mt AND d.phash = c.phash AND d.ino <> c.ino))"
         }
@@ -280,7 +284,9 @@ pub(crate) fn record_window(
     tx.commit().map_err(|e| idx.err(e))
 }
 
-/// Records one job's outcome: its hashes in `temp.cand`, or a skip or failure in the report.
+/// Records one job's outcome: its hashes in `temp.cand` (with its flags, none), or a skip or
+/// failure in the report. A flagged inode gets its flags and no hashes in `temp.cand`, so no
+/// later stage takes it, and each of its paths is listed in `report.skipped_flagged`.
 fn record(
     idx: &crate::index::Index,
     guests: &HashMap<i64, &OpenGuest>,
@@ -292,7 +298,7 @@ fn record(
         Ok(Hashed::Partial(p)) => {
             report.partial_hashed_files += 1;
             idx.exec(
-                "UPDATE cand SET phash = ?2 WHERE ino = ?1",
+                "UPDATE cand SET phash = ?2, flags = 0 WHERE ino = ?1",
                 params![job.ino, &p[..]],
             )?;
         }
@@ -304,7 +310,7 @@ fn record(
             report.hashed_files += 1;
             report.hashed_bytes += job.size;
             idx.exec(
-                "UPDATE cand SET chash = ?2, phash = ?3, xhash = ?4 WHERE ino = ?1",
+                "UPDATE cand SET chash = ?2, phash = ?3, xhash = ?4, flags = 0 WHERE ino = ?1",
                 params![
                     job.ino,
                     &chash[..],
@@ -314,6 +320,31 @@ fn record(
             )?;
         }
         Ok(Hashed::Changed) => report.skipped_changed += 1,
+        Ok(Hashed::Flagged(flags)) => {
+            idx.exec(
+                "UPDATE cand SET phash = NULL, chash = NULL, xhash = NULL, flags = ?2
+                 WHERE ino = ?1",
+                params![job.ino, flags],
+            )?;
+            // Every path of the inode (a hardlink group has several).
+            let mut stmt = idx
+                .conn
+                .prepare_cached("SELECT guest_id, path FROM cand WHERE ino = ?1 ORDER BY 1, 2")
+                .map_err(|e| idx.err(e))?;
+            let paths = stmt
+                .query_map([job.ino], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(|e| idx.err(e))?;
+            for (guest_id, path) in paths {
+                report.skipped_flagged.push(FlaggedPath {
+                    guest: guests[&guest_id].name.clone(),
+                    path: guest_abs(&path),
+                    flags: flag_letters(flags),
+                });
+            }
+        }
         Err(e) => report.failures.push(Failure::new(
             guests[&job.guest_id],
             &job.path,
@@ -340,6 +371,13 @@ fn hash_job(guest: &OpenGuest, job: &Job, stage: Stage) -> Result<Hashed> {
     if !same(&fsx::fstat(&fd).at(&shown)?) {
         return Ok(Hashed::Changed);
     }
+    // A flag someone set (a guest's `chattr +i`, `+a`, `+A`, …) makes the file ineligible: its
+    // inode cannot be linked or replaced (`+i`, `+a`), or sharing it would spread or drop the
+    // flags. Read here, on the fd the hash needs anyway: one ioctl per inode read.
+    let flags = sys::user_flags(&fd).at(&shown)?;
+    if flags != 0 {
+        return Ok(Hashed::Flagged(flags));
+    }
     let file = std::fs::File::from(fd);
     let out = match stage {
         Stage::Partial => Hashed::Partial(key::partial_hash(&file, job.size).at(&shown)?),
@@ -365,20 +403,22 @@ fn hash_job(guest: &OpenGuest, job: &Job, stage: Stage) -> Result<Hashed> {
     Ok(out)
 }
 
-/// Writes the hashes this run computed (kept in `temp.cand` while it runs) into the `files`
-/// rows that are still not linked, so the next run need not read those files again. A linked
-/// path never gets them (its object has them): rows are written once, not grown and shrunk.
+/// Writes the hashes and flags this run read (kept in `temp.cand` while it runs) into the
+/// `files` rows that are still not linked, so the next run need not read those files again —
+/// a flagged file's row keeps its flags, and no run reads or lists it again until it changes
+/// (a `chattr` moves the ctime, so the scan rewrites the row). A linked path never gets them
+/// (its object has them): rows are written once, not grown and shrunk.
 ///
 /// # Errors
 /// Index errors.
 pub(crate) fn keep_hashes(root: &HostRoot) -> Result<()> {
     root.index.exec(
-        "UPDATE files SET phash = c.phash, chash = c.chash, xhash = c.xhash
+        "UPDATE files SET phash = c.phash, chash = c.chash, xhash = c.xhash, flags = c.flags
          FROM cand c
          WHERE files.dir = c.dir AND files.name = c.name AND files.object_id IS NULL
-           AND (c.phash IS NOT NULL OR c.chash IS NOT NULL)
+           AND c.flags IS NOT NULL
            AND (files.phash IS NOT c.phash OR files.chash IS NOT c.chash
-                OR files.xhash IS NOT c.xhash)",
+                OR files.xhash IS NOT c.xhash OR files.flags IS NOT c.flags)",
         [],
     )?;
     Ok(())

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::fsx::Stat;
 
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Pages of SQLite's page cache (of the main connection): 2 MiB. The index of 500 guests is
 /// far larger; every query walks it in key order, so a bigger cache buys little and costs
@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS dirs(
 --   hashed, and NULL again once linked (the object holds them).
 -- orig_ino: the inode before linking, kept only if it had several links (a hardlink group
 --   of the guest, counted once in its logical size).
+-- flags: the inode flags someone set on it (chattr: FS_IOC_GETFLAGS without the filesystem's
+--   own), read with the hashes; NULL until read and again once the row is rewritten or linked.
+--   Not 0: the file is never eligible (see candidates.rs).
 CREATE TABLE IF NOT EXISTS files(
     dir INTEGER NOT NULL,
     name BLOB NOT NULL,
@@ -58,6 +61,7 @@ CREATE TABLE IF NOT EXISTS files(
     chash BLOB,
     xhash BLOB,
     orig_ino INTEGER,
+    flags INTEGER,
     PRIMARY KEY(dir, name)
 ) WITHOUT ROWID;
 -- The files with their guest and guest-relative path, for reading.
@@ -124,7 +128,7 @@ pub(crate) fn record_link(
 ) -> Result<()> {
     idx.exec(
         "UPDATE files SET object_id = ?3, ino = ?4, phash = NULL, chash = NULL, xhash = NULL,
-                          orig_ino = ?5
+                          orig_ino = ?5, flags = NULL
          WHERE dir = ?1 AND name = ?2",
         params![
             dir,
@@ -221,6 +225,20 @@ impl Index {
                     conn.execute_batch(&format!("ALTER TABLE objects DROP COLUMN {column}"))
                         .map_err(wrap)?;
                 }
+            }
+        }
+        if (1..=3).contains(&version) {
+            // Schema 4: a file's inode flags (its hashes of schema 3 are read again, with them).
+            let there: bool = conn
+                .query_row(
+                    "SELECT COUNT(*) > 0 FROM pragma_table_info('files') WHERE name = 'flags'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(wrap)?;
+            if !there {
+                conn.execute_batch("ALTER TABLE files ADD COLUMN flags INTEGER")
+                    .map_err(wrap)?;
             }
         }
         conn.execute_batch(SCHEMA).map_err(wrap)?;
@@ -456,6 +474,37 @@ mod tests {
     type V1Row<'a> = (i64, &'a [u8], i64, Option<i64>, i64, Option<&'a [u8]>);
     /// A row read back: guest, path, object, content hash, original inode.
     type V2Row = (i64, Vec<u8>, Option<i64>, Option<Vec<u8>>, Option<i64>);
+
+    #[test]
+    fn a_schema_3_index_gains_the_flags_column_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        {
+            let idx = Index::open(&path).unwrap();
+            idx.conn
+                .execute_batch(
+                    "ALTER TABLE files DROP COLUMN flags; PRAGMA user_version = 3;
+                     INSERT INTO dirs(id, guest_id, path) VALUES (1, 1, x'');
+                     INSERT INTO files(dir, name, ino, nlink, size, blocks, mtime_ns, ctime_ns,
+                                       mode, uid, gid, marker, chash)
+                     VALUES (1, x'66', 7, 1, 4, 8, 5, 6, 33188, 0, 0, 2, x'01');",
+                )
+                .unwrap();
+        }
+        let idx = Index::open(&path).unwrap();
+        let row: (i64, Option<Vec<u8>>, Option<i64>) = idx
+            .conn
+            .query_row("SELECT ino, chash, flags FROM files", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(row, (7, Some(vec![1]), None), "flags unknown until read");
+        let version: i64 = idx
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
 
     #[test]
     fn a_schema_1_index_is_rewritten_keeping_every_row_and_objects_lose_their_hashes() {

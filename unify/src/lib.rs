@@ -65,7 +65,7 @@ pub use policy::{
 };
 pub use progress::{NoProgress, Phase, Progress};
 pub use reindex::{RebuildReport, rebuild_index};
-pub use report::{Failure, LinkedPath, UnifyReport, display_path};
+pub use report::{Failure, FlaggedPath, LinkedPath, UnifyReport, display_path};
 pub use root::{Access, DEFAULT_ROOT, HostRoot};
 pub use sys::bound_malloc_arenas;
 pub use unify::{TreeSpec, UnifyOptions, forget_tree, unify, unify_tree};

@@ -101,6 +101,61 @@ impl LinkedPath {
     }
 }
 
+/// A file left alone because its inode carries flags someone set (`chattr +i`, `+a`, `+A`, …):
+/// sharing its inode would give them to the other paths or take them from this one.
+#[derive(Clone, Debug, Serialize)]
+pub struct FlaggedPath {
+    /// The guest.
+    pub guest: String,
+    /// The guest-absolute path, escaped as by [`display_path`].
+    pub path: String,
+    /// Its flags as `lsattr` letters (`i`, `a`, `dA`, …); a bit without a letter as `0x…`.
+    pub flags: String,
+}
+
+/// Inode flags (`FS_IOC_GETFLAGS`) as the letters `lsattr` shows, in its order.
+pub(crate) fn flag_letters(flags: u32) -> String {
+    const LETTERS: [(u32, char); 22] = [
+        (0x0000_0001, 's'),
+        (0x0000_0002, 'u'),
+        (0x0000_0008, 'S'),
+        (0x0001_0000, 'D'),
+        (0x0000_0010, 'i'),
+        (0x0000_0020, 'a'),
+        (0x0000_0040, 'd'),
+        (0x0000_0080, 'A'),
+        (0x0000_0004, 'c'),
+        (0x0000_0800, 'E'),
+        (0x0000_4000, 'j'),
+        (0x0000_1000, 'I'),
+        (0x0000_8000, 't'),
+        (0x0002_0000, 'T'),
+        (0x0008_0000, 'e'),
+        (0x0080_0000, 'C'),
+        (0x0200_0000, 'x'),
+        (0x4000_0000, 'F'),
+        (0x1000_0000, 'N'),
+        (0x2000_0000, 'P'),
+        (0x0010_0000, 'V'),
+        (0x0000_0400, 'm'),
+    ];
+    let mut out = String::new();
+    let mut rest = flags;
+    for (bit, letter) in LETTERS {
+        if flags & bit != 0 {
+            out.push(letter);
+            rest &= !bit;
+        }
+    }
+    if rest != 0 {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&format!("{rest:#x}"));
+    }
+    out
+}
+
 /// The summary of a `unify` run.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct UnifyReport {
@@ -130,6 +185,10 @@ pub struct UnifyReport {
     pub saved_bytes: u64,
     /// Files left alone because they changed between hashing and linking.
     pub skipped_changed: u64,
+    /// Files left alone because their inode carries flags someone set (`chattr`): listed by
+    /// the run that first reads such a file (new, or changed since), not by later runs, which
+    /// do not read it again until it changes.
+    pub skipped_flagged: Vec<FlaggedPath>,
     /// Guests left alone because they are mounted (with all guests selected).
     pub skipped_mounted: Vec<String>,
     /// Files or guests that failed; the run went on without them.
@@ -143,7 +202,17 @@ pub struct UnifyReport {
 
 #[cfg(test)]
 mod tests {
-    use super::display_path;
+    use super::{display_path, flag_letters};
+
+    #[test]
+    fn flag_letters_are_lsattrs() {
+        assert_eq!(flag_letters(0x10), "i");
+        assert_eq!(flag_letters(0x20), "a");
+        assert_eq!(flag_letters(0x40 | 0x80), "dA");
+        assert_eq!(flag_letters(0x10 | 0x8_0000), "ie");
+        assert_eq!(flag_letters(0x8000_0000 | 0x10), "i 0x80000000");
+        assert_eq!(flag_letters(0), "");
+    }
 
     #[test]
     fn display_path_escapes_what_is_not_plain_text() {

@@ -9,6 +9,20 @@ pub(crate) const FS_IMMUTABLE_FL: libc::c_long = 0x0000_0010;
 /// `FS_APPEND_FL`: the inode can only be appended to, not renamed, linked or unlinked.
 pub(crate) const FS_APPEND_FL: libc::c_long = 0x0000_0020;
 
+/// The flags a filesystem sets on a file by itself, for its own bookkeeping (ext4's extent map,
+/// huge-file block counting, blocks past EOF (older kernels), inline data, xattr inodes,
+/// hashed directories, case-folding directories): they say nothing about how the file may be
+/// used, and two files that differ only in them are interchangeable. Every other flag
+/// `FS_IOC_GETFLAGS` reports was set by someone (`chattr`, fs-verity, an encryption policy, a
+/// directory's inherited `+C`/`+c`).
+const FS_OWN_FLAGS: libc::c_long = 0x0000_1000 // FS_INDEX_FL
+    | 0x0004_0000 // FS_HUGE_FILE_FL
+    | 0x0008_0000 // FS_EXTENT_FL
+    | 0x0020_0000 // FS_EA_INODE_FL
+    | 0x0040_0000 // EXT4_EOFBLOCKS_FL (set by older kernels)
+    | 0x1000_0000 // FS_INLINE_DATA_FL
+    | 0x4000_0000; // FS_CASEFOLD_FL
+
 // The kernel defines these ioctls with `long` in the type but reads and writes an `int`.
 nix::ioctl_read!(fs_ioc_getflags, b'f', 1, libc::c_long);
 nix::ioctl_write_ptr!(fs_ioc_setflags, b'f', 2, libc::c_long);
@@ -20,6 +34,21 @@ pub(crate) fn get_flags(fd: impl AsFd) -> nix::Result<libc::c_int> {
     // which is larger than an int and zero-initialised.
     unsafe { fs_ioc_getflags(fd.as_fd().as_raw_fd(), &mut flags) }?;
     Ok(flags as libc::c_int)
+}
+
+/// The inode flags of an open file that someone set on it — `chattr` flags such as `+i`, `+a`,
+/// `+A`, `+d`, `+S`, `+C`, and fs-verity or encryption — without those the filesystem sets by
+/// itself (see `FS_OWN_FLAGS`). 0 on a filesystem without inode flags.
+///
+/// # Errors
+/// The ioctl's errors other than "not supported here".
+pub(crate) fn user_flags(fd: impl AsFd) -> nix::Result<u32> {
+    use nix::errno::Errno;
+    match get_flags(fd) {
+        Ok(flags) => Ok((libc::c_long::from(flags) & !FS_OWN_FLAGS) as u32),
+        Err(Errno::ENOTTY | Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL) => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes the inode flags of an open file.

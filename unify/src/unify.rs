@@ -55,7 +55,9 @@ impl Default for UnifyOptions {
 /// # Algorithm
 /// 1. **Scan** each guest into the index (one `lstat` per file; unchanged files keep their hashes,
 ///    files already linked to the store are recognised by inode).
-/// 2. **Group** eligible files (marker not private, size ≥ `min_size`, not yet linked) by
+/// 2. **Group** eligible files (marker not private, size ≥ `min_size`, not yet linked, no inode
+///    flags someone set — read by the hash stages, a flagged file is listed in
+///    `skipped_flagged` and left alone) by
 ///    (size, mode, uid, gid, mtime); a group needs two distinct inodes or an existing object
 ///    with the same metadata, else nothing in it is read.
 /// 3. **Partial hash** (first and last 4 KiB) of large files in groups without an object; only
