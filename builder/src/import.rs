@@ -1516,10 +1516,14 @@ fn copy_message(program: &str, stderr: &str, code: Option<i32>) -> String {
             || line.contains("connection unexpectedly closed")
             || line.contains("tar: Exiting with failure status")
     };
+    // A side's "Broken pipe" only echoes the other side's failure, which came first (a
+    // receiver's "No space left on device", say).
+    let echo = |line: &&str| line.contains("Broken pipe");
     let line = lines
         .iter()
         .rev()
-        .find(|line| !summary(line))
+        .find(|line| !summary(line) && !echo(line))
+        .or_else(|| lines.iter().rev().find(|line| !summary(line)))
         .or(lines.last())
         .map(|line| {
             let line = line.strip_prefix("rsync: ").unwrap_or(line);
