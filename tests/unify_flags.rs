@@ -440,3 +440,35 @@ fn a_flag_set_inside_the_guest_and_folded_does_not_break_unify_or_mount_fold() {
         umount_ok(&root, &["a"]);
     }
 }
+
+#[test]
+fn verify_reports_and_repair_clears_a_guests_flags_on_a_store_object() {
+    assert_root();
+    let scratch = Scratch::new("flags-verify");
+    let _clear = ClearFlagsOnDrop(scratch.path().to_path_buf());
+    let root = init_root(scratch.path());
+    for g in ["g1", "g2"] {
+        adopt_built(&root, scratch.path(), g, guest_tree);
+    }
+    cowherd(&root).args(["unify", "--all"]).assert().success();
+    // A store as an older cowherd left it: an object adopted from a guest's `chattr +A +d` file.
+    let object = store_objects(&root)
+        .into_iter()
+        .next()
+        .expect("an object")
+        .path;
+    chattr("+Ad", &object);
+    let out = cowherd(&root).args(["verify"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("inode flags") && text.contains("--repair"),
+        "{text}"
+    );
+    cowherd(&root)
+        .args(["verify", "--repair"])
+        .assert()
+        .success();
+    assert_eq!(guest_flags(&object), "", "flags left on the object");
+    cowherd(&root).arg("verify").assert().success();
+}

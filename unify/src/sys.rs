@@ -87,6 +87,18 @@ pub(crate) fn add_flags(fd: impl AsFd, mask: libc::c_long) -> nix::Result<()> {
     Ok(())
 }
 
+/// Clears every flag someone set (see [`user_flags`]) except `FS_IMMUTABLE_FL`, which a store
+/// object's kind decides; returns the flags cleared.
+pub(crate) fn clear_foreign_flags(fd: impl AsFd) -> nix::Result<u32> {
+    let fd = fd.as_fd();
+    let flags = get_flags(fd)?;
+    let foreign = (libc::c_long::from(flags) & !FS_OWN_FLAGS & !FS_IMMUTABLE_FL) as libc::c_int;
+    if foreign != 0 {
+        set_flags(fd, flags & !foreign)?;
+    }
+    Ok(foreign as u32)
+}
+
 /// Clears `FS_IMMUTABLE_FL` and `FS_APPEND_FL`, the flags that forbid unlinking; returns
 /// whether either was set.
 pub(crate) fn clear_unlink_guards(fd: impl AsFd) -> nix::Result<bool> {

@@ -68,6 +68,9 @@ enum Fault {
     Rekey(Box<KeyParts>, Stat),
     /// The immutable flag is missing (`true`) or should not be there (`false`).
     Flag(bool),
+    /// Inode flags no object carries (`+A`, `+d`, `+a`, …: a guest's, linked into the store
+    /// before such files were left out): cleared.
+    Foreign(u32),
 }
 
 impl Fault {
@@ -89,6 +92,11 @@ impl Fault {
             Fault::Flag(false) => "copy-on-write object carries the immutable flag; \
                                    `cowherd verify --repair` clears it"
                 .into(),
+            Fault::Foreign(flags) => format!(
+                "carries inode flags no store object should (lsattr: {}): files with other \
+                 flags would share them; `cowherd verify --repair` clears them",
+                crate::report::flag_letters(*flags)
+            ),
         }
     }
 }
@@ -230,6 +238,8 @@ pub(crate) struct ReadObject {
     pub seq: u32,
     /// Whether it carries the immutable flag.
     pub immutable: bool,
+    /// Flags someone set besides the immutable flag.
+    pub foreign_flags: u32,
 }
 
 /// Reads object `name` back: hashes, metadata, flag. `Err` holds its size so far and why it
@@ -249,6 +259,8 @@ pub(crate) fn read_object(
         return Err((0, "not a regular file".into()));
     }
     let immutable = crate::sys::is_immutable(fd.as_fd()).unwrap_or(false);
+    let foreign_flags =
+        crate::sys::user_flags(fd.as_fd()).unwrap_or(0) & !(crate::sys::FS_IMMUTABLE_FL as u32);
     let file = std::fs::File::from(fd);
     let (chash, _) =
         key::content_hash(&file, st.size).map_err(|e| (st.size, format!("cannot read: {e}")))?;
@@ -281,6 +293,7 @@ pub(crate) fn read_object(
         kind,
         seq,
         immutable,
+        foreign_flags,
     })
 }
 
@@ -297,6 +310,8 @@ fn check_object(objects: BorrowedFd<'_>, name: &str) -> (u64, Option<Fault>) {
         Some(Fault::Flag(true))
     } else if read.kind == Marker::Cow && read.immutable {
         Some(Fault::Flag(false))
+    } else if read.foreign_flags != 0 {
+        Some(Fault::Foreign(read.foreign_flags))
     } else {
         None
     };
@@ -314,6 +329,20 @@ fn repair(root: &HostRoot, name: &str, fault: &Fault) -> Result<Option<String>> 
             } else {
                 "the immutable flag is cleared".into()
             }))
+        }
+        Fault::Foreign(_) => {
+            let rel = store::object_rel(name);
+            let fd = fsx::open_beneath(
+                root.objects_fd(),
+                rel.as_bytes(),
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK,
+            )
+            .at(root.objects_dir().join(&rel))?;
+            let cleared = crate::sys::clear_foreign_flags(&fd).at(root.objects_dir().join(&rel))?;
+            Ok(Some(format!(
+                "inode flags cleared (lsattr: {})",
+                crate::report::flag_letters(cleared)
+            )))
         }
         Fault::Stray => {
             let dir = root.path().join(LOST_FOUND);
