@@ -512,3 +512,212 @@ fn import_counts_entries_and_files_consistently_and_shares_with_every_guest() {
         "{text}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// SIGKILL at random instants of a resync that keeps or discards the guest's changes
+// ---------------------------------------------------------------------------------------------
+
+/// Kills that must land while the resync runs, for each choice.
+const KILLS: usize = 30;
+
+/// Adds files enough that a resync takes a while, brought into the guest by a plain resync.
+fn grow(fx: &Fx) {
+    let mut t = TreeBuilder::new(&fx.machine);
+    for i in 0..600 {
+        t.file(
+            format!("usr/lib/pkg{}/f{i}.so", i / 50),
+            &content(&format!("lib{i}"), 2_000),
+        );
+    }
+    t.finish();
+    fx.import(&["--resync"]).success();
+}
+
+/// What the guest changed, written as a fold leaves it (base) and as it runs (upper).
+fn change_guest_offline(fx: &Fx) {
+    let base = fx.base();
+    fs::write(base.join("etc/app.conf.new"), b"threads = 64\n").unwrap();
+    fs::rename(base.join("etc/app.conf.new"), base.join("etc/app.conf")).unwrap();
+    fs::write(base.join("etc/guest-new.conf"), b"mine\n").unwrap();
+    fs::remove_file(base.join("usr/share/doc/readme")).unwrap();
+}
+
+/// Runs `cowherd import g --resync EXTRA…`, SIGKILLed after a random delay below `window`;
+/// whether the kill landed while it ran.
+fn killed_resync(
+    fx: &Fx,
+    extra: &[&str],
+    rng: &mut impl rand::Rng,
+    window: std::time::Duration,
+) -> bool {
+    use nix::sys::signal::{Signal, kill};
+    let mut child = std::process::Command::new(cowherd_bin())
+        .arg("--root")
+        .arg(&fx.root)
+        .args(["import", "g", "--resync", "--from"])
+        .arg(&fx.machine)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(window.mul_f64(rng.random_range(0.0..1.0)));
+    let landed = child.try_wait().unwrap().is_none();
+    let _ = kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGKILL,
+    );
+    child.wait().unwrap();
+    landed
+}
+
+/// How long one resync with `extra` takes.
+fn timed_resync(fx: &Fx, extra: &[&str]) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    let out = fx.resync(extra);
+    assert!(out.status.success(), "{out:?}");
+    start.elapsed()
+}
+
+fn seeded_rng() -> (rand_chacha::ChaCha8Rng, u64) {
+    use rand::SeedableRng;
+    let seed = std::env::var("COWHERD_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("kill loop seed {seed} (COWHERD_KILL_SEED={seed} replays it)");
+    (rand_chacha::ChaCha8Rng::seed_from_u64(seed), seed)
+}
+
+/// The base's manifest is one of `states` (directory mtimes not compared).
+fn assert_one_of(what: &str, tree: &Manifest, states: &[&Manifest]) {
+    let opts = CompareOpts {
+        dir_mtimes: false,
+        allow_extra: false,
+    };
+    let results: Vec<Vec<String>> = states
+        .iter()
+        .map(|s| compare_manifests(s, tree, opts).0)
+        .collect();
+    assert!(
+        results.iter().any(Vec::is_empty),
+        "{what}: neither the old nor the new tree: {results:?}"
+    );
+}
+
+#[test]
+fn sigkill_during_a_resync_keeping_guest_changes_leaves_the_guest_whole() {
+    let fx = Fx::new("resync-kill-keep");
+    grow(&fx);
+    change_guest_offline(&fx);
+    fs::write(fx.machine.join("etc/app.conf"), b"threads = 8\n").unwrap();
+    let window = timed_resync(&fx, &["--keep-guest-changes"]).mul_f64(1.3);
+    let kept = manifest(&fx.base());
+    assert_eq!(
+        fs::read(fx.base().join("etc/app.conf")).unwrap(),
+        b"threads = 64\n"
+    );
+    let (mut rng, seed) = seeded_rng();
+    let (mut landed, mut tries) = (0, 0);
+    while landed < KILLS {
+        tries += 1;
+        assert!(
+            tries < KILLS * 4,
+            "seed {seed}: only {landed} kills landed in {tries} tries"
+        );
+        if killed_resync(&fx, &["--keep-guest-changes"], &mut rng, window) {
+            landed += 1;
+        }
+        assert_one_of(
+            &format!("seed {seed}, kill {tries}"),
+            &manifest(&fx.base()),
+            &[&kept],
+        );
+        let out = fx.resync(&["--keep-guest-changes"]);
+        assert!(
+            out.status.success(),
+            "seed {seed}: rerun after kill {tries}: {out:?}"
+        );
+        assert_one_of(
+            &format!("seed {seed}, rerun {tries}"),
+            &manifest(&fx.base()),
+            &[&kept],
+        );
+        // The manifest survived: exactly the guest's three changes are still its own.
+        let out = fx.resync(&[]);
+        assert_eq!(out.status.code(), Some(1), "seed {seed}: {out:?}");
+        assert_eq!(
+            stdout(&out).lines().count(),
+            3,
+            "seed {seed}: {}",
+            stdout(&out)
+        );
+    }
+    for leftover in ["resync", "linkdest", "import.manifest.new"] {
+        assert!(
+            !fx.root.join("guests/g").join(leftover).exists(),
+            "{leftover} left"
+        );
+    }
+}
+
+#[test]
+fn sigkill_during_a_resync_discarding_guest_changes_loses_no_version() {
+    let fx = Fx::new("resync-kill-discard");
+    grow(&fx);
+    // The machine's tree, as a guest of its own: what the discarding resync must arrive at.
+    cowherd(&fx.root)
+        .args(["import", "ref", "--from"])
+        .arg(&fx.machine)
+        .assert()
+        .success();
+    let machine_tree = manifest(&base(&fx.root, "ref"));
+    let up = upper(&fx.root, "g");
+    let discarded = fx.root.join("guests/g/discarded");
+    let (mut rng, seed) = seeded_rng();
+    change_guest_offline(&fx);
+    let window = timed_resync(&fx, &["--discard-guest-changes"]).mul_f64(1.3);
+    let (mut landed, mut tries) = (0, 0);
+    while landed < KILLS {
+        tries += 1;
+        assert!(
+            tries < KILLS * 4,
+            "seed {seed}: only {landed} kills landed in {tries} tries"
+        );
+        change_guest_offline(&fx);
+        fs::create_dir_all(up.join("etc")).unwrap();
+        fs::write(up.join("etc/motd"), b"guest motd\n").unwrap();
+        let guest_tree = manifest(&fx.base());
+        if killed_resync(&fx, &["--discard-guest-changes"], &mut rng, window) {
+            landed += 1;
+        }
+        let what = format!("seed {seed}, kill {tries}");
+        assert_one_of(&what, &manifest(&fx.base()), &[&guest_tree, &machine_tree]);
+        let out = fx.resync(&["--discard-guest-changes"]);
+        assert!(out.status.success(), "{what}: rerun: {out:?}");
+        assert_one_of(&what, &manifest(&fx.base()), &[&machine_tree]);
+        assert!(
+            fs::read_dir(&up).unwrap().next().is_none(),
+            "{what}: upper not emptied"
+        );
+        // Every version the guest had is kept in some discarded/ directory.
+        let kept: Vec<PathBuf> = fs::read_dir(&discarded)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        let has = |rel: &str, bytes: &[u8]| {
+            kept.iter()
+                .any(|d| fs::read(d.join(rel)).ok().as_deref() == Some(bytes))
+        };
+        assert!(
+            has("base/etc/app.conf", b"threads = 64\n"),
+            "{what}: {kept:?}"
+        );
+        assert!(
+            has("base/etc/guest-new.conf", b"mine\n"),
+            "{what}: {kept:?}"
+        );
+        assert!(has("upper/etc/motd", b"guest motd\n"), "{what}: {kept:?}");
+        fs::remove_dir_all(&discarded).unwrap();
+    }
+}
