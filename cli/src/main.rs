@@ -150,12 +150,21 @@ upper/ and work/ are empty. Then `cowherd unify GUEST` shares what can be shared
         #[arg(long)]
         json: bool,
     },
-    /// Run a command inside a mounted guest: new mount, PID, UTS and IPC namespaces, chrooted
-    /// into its rootfs, its own /proc and hostname. Exits with the command's exit code (128+N
-    /// if signal N killed it), or 125 if cowherd could not start it.
-    #[command(after_help = "Example: cowherd exec web01 -- apt-get update\n\
-It is an admin's tool like chroot, not a security boundary: the command runs as root with \
-every capability, in the host's network.")]
+    /// Run a command inside a mounted guest: pivot_root into its rootfs in new mount, PID, UTS
+    /// and IPC namespaces, its own /proc and hostname. Exits with the command's exit code
+    /// (128+N if signal N killed it), or 125 if cowherd could not start it.
+    ///
+    /// The guest's rootfs is the root of the command's own mount namespace and the host's root
+    /// is detached from it: no `..`, chroot or /proc/1/root leads to a host path. The command
+    /// gets descriptors 0, 1 and 2 only, and systemd-nspawn's default capabilities less
+    /// CAP_SYS_ADMIN, CAP_MKNOD, CAP_DAC_READ_SEARCH and CAP_SYS_BOOT (so no mounting, no new
+    /// device nodes, no open_by_handle_at, no kexec).
+    #[command(after_help = "Example: cowherd exec web01 -- apt-get update\n\n\
+Still not a security boundary: there is no user namespace, so uid 0 inside is uid 0 on the \
+host's kernel. It can write /proc/sys (kernel.core_pattern names a program the kernel then runs \
+as root on the host) and /proc/sysrq-trigger, and open any device node the guest tree holds; it \
+is in the host's network and on the caller's terminal, with no seccomp filter. Run only what \
+you would run as root on the host. See SECURITY.md.")]
     Exec {
         /// The guest.
         guest: String,

@@ -67,6 +67,6 @@ pub use progress::{NoProgress, Phase, Progress};
 pub use reindex::{RebuildReport, rebuild_index};
 pub use report::{Failure, FlaggedPath, LinkedPath, UnifyReport, display_path};
 pub use root::{Access, DEFAULT_ROOT, HostRoot};
-pub use sys::bound_malloc_arenas;
+pub use sys::{bound_malloc_arenas, close_on_exec_above_stderr};
 pub use unify::{TreeSpec, UnifyOptions, forget_tree, unify, unify_tree};
 pub use verify::{Problem, VerifyOptions, VerifyReport, verify};

@@ -1,5 +1,6 @@
 //! The one module with `unsafe`: the inode-flag ioctls (`FS_IOC_GETFLAGS` / `FS_IOC_SETFLAGS`),
-//! the page-cache residency of a file (`mmap` + `mincore`) and the bound on malloc arenas.
+//! the page-cache residency of a file (`mmap` + `mincore`), the bound on malloc arenas and
+//! marking inherited descriptors close-on-exec (`close_range`).
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd};
@@ -168,9 +169,66 @@ fn set_arena_max(_arenas: u16) -> Option<u16> {
     None
 }
 
+/// Marks every file descriptor of this process above standard error close-on-exec, so that no
+/// program it starts afterwards inherits one; what matters are the descriptors the process was
+/// itself started with (Rust and SQLite open theirs close-on-exec), which nothing else closes.
+///
+/// # Errors
+/// The errno of `close_range`, or of `fcntl` on a kernel without `CLOSE_RANGE_CLOEXEC`.
+///
+/// # Algorithm
+/// `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` (Linux 5.11); where the kernel refuses it, `fcntl`
+/// `F_SETFD` on each descriptor `/proc/self/fd` lists (one closed meanwhile is skipped).
+pub fn close_on_exec_above_stderr() -> nix::Result<()> {
+    // SAFETY: close_range takes three integers and only sets a flag on descriptors in the range.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3_u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if done == 0 {
+        return Ok(());
+    }
+    match nix::errno::Errno::last() {
+        nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL => {}
+        errno => return Err(errno),
+    }
+    let listed: Vec<libc::c_int> = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in listed {
+        // SAFETY: fcntl on a descriptor number: one closed since the listing (the listing's own
+        // among them) fails with EBADF; a number reused meanwhile gets a harmless flag.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+            match nix::errno::Errno::last() {
+                nix::errno::Errno::EBADF => {}
+                errno => return Err(errno),
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_on_exec_above_stderr_marks_an_inherited_descriptor() {
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+        let file = std::fs::File::open("/proc/self/status").expect("open a file");
+        fcntl(&file, FcntlArg::F_SETFD(FdFlag::empty())).expect("clear FD_CLOEXEC");
+        close_on_exec_above_stderr().expect("close_range");
+        let flags = fcntl(&file, FcntlArg::F_GETFD).expect("F_GETFD");
+        assert!(FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC));
+    }
 
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
