@@ -602,7 +602,8 @@ pub(crate) enum Visit<'a> {
 /// even one swapped in for a directory during the walk, and no mount point is crossed (mounted
 /// directories are skipped silently, like files of another device). An entry that vanishes
 /// during the walk is skipped. Open fds: two per directory level while it is listed, one
-/// while its subdirectories are walked.
+/// while its subdirectories are walked. The walk is a loop over a stack of levels on the heap,
+/// not a recursion: a tree of any depth runs on a thread's small stack.
 ///
 /// # Errors
 /// None returned: a directory or file that cannot be read is passed to `visit` as
@@ -624,15 +625,75 @@ pub(crate) fn walk_tree(
     }
 }
 
-/// Lists one directory of [`walk_tree`], visiting its files as they are listed, then descends
-/// into its subdirectories. Only the subdirectories' names are held while the walk descends (a
-/// directory of 18,000 man pages costs nothing; a walker per guest walks at once).
+/// One listed directory of [`walk_tree`] whose subdirectories are being walked.
+struct Level {
+    /// The directory, for the lookups of its subdirectories.
+    fd: OwnedFd,
+    /// Its subdirectories' names, end to end.
+    subdirs: Vec<u8>,
+    /// Where each name in `subdirs` ends.
+    ends: Vec<usize>,
+    /// The next subdirectory to walk (index into `ends`).
+    next: usize,
+    /// The length of the directory's own relative path.
+    rel_len: usize,
+}
+
+/// Walks the directory `dir` (at `rel`) and everything below it. Iterative: a tree of any
+/// depth costs one [`Level`] on the heap a level, never a stack frame (a guest's 2,000-level
+/// tree overflowed an I/O thread's stack when this recursed).
 fn walk_dir(
     dir: OwnedFd,
     dev: u64,
     rel: &mut Vec<u8>,
     visit: &mut dyn FnMut(Visit<'_>) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
+    use nix::errno::Errno;
+    let mut levels: Vec<Level> = Vec::new();
+    levels.extend(list_dir(dir, dev, rel, visit)?);
+    while let Some(level) = levels.last_mut() {
+        let Some(&end) = level.ends.get(level.next) else {
+            let rel_len = level.rel_len;
+            levels.pop();
+            rel.truncate(rel_len);
+            visit(Visit::DirEnd(rel))?;
+            continue;
+        };
+        let start = match level.next {
+            0 => 0,
+            i => level.ends[i - 1],
+        };
+        level.next += 1;
+        let name = &level.subdirs[start..end];
+        rel.truncate(level.rel_len);
+        if level.rel_len > 0 {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(name);
+        match open_beneath(level.fd.as_fd(), name, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+            Ok(child) => levels.extend(list_dir(child, dev, rel, visit)?),
+            // Gone, replaced by a symlink or a file, or a mount point: not part of the tree.
+            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => {}
+            Err(error) => visit(Visit::Error {
+                rel,
+                dir: true,
+                error,
+            })?,
+        }
+    }
+    ControlFlow::Continue(())
+}
+
+/// Lists one directory of [`walk_tree`] (at `rel`), visiting its files as they are listed;
+/// returns the [`Level`] whose subdirectories are to be walked next, or `None` when the
+/// directory cannot be read (visited as an error). Only the subdirectories' names are held
+/// (a directory of 18,000 man pages costs nothing; a walker per guest walks at once).
+fn list_dir(
+    dir: OwnedFd,
+    dev: u64,
+    rel: &mut Vec<u8>,
+    visit: &mut dyn FnMut(Visit<'_>) -> ControlFlow<()>,
+) -> ControlFlow<(), Option<Level>> {
     use nix::dir::{Dir, Type};
     use nix::errno::Errno;
     let unreadable = |rel: &[u8], error, visit: &mut dyn FnMut(Visit<'_>) -> _| {
@@ -645,16 +706,21 @@ fn walk_dir(
     // Lookups go through a second fd: the listing's borrows the first.
     let lookup = match nix::unistd::dup(&dir) {
         Ok(fd) => fd,
-        Err(error) => return unreadable(rel, error, visit),
+        Err(error) => {
+            unreadable(rel, error, visit)?;
+            return ControlFlow::Continue(None);
+        }
     };
     let mut listing = match Dir::from_fd(dir) {
         Ok(d) => d,
-        Err(error) => return unreadable(rel, error, visit),
+        Err(error) => {
+            unreadable(rel, error, visit)?;
+            return ControlFlow::Continue(None);
+        }
     };
     let fd = lookup.as_fd();
     let parent_len = rel.len();
     visit(Visit::Dir(rel))?;
-    // Subdirectories, names end to end.
     let mut subdirs: Vec<u8> = Vec::new();
     let mut ends: Vec<usize> = Vec::new();
     for entry in listing.iter() {
@@ -664,7 +730,8 @@ fn walk_dir(
                 // The listing is incomplete: what is below this directory is unknown.
                 rel.truncate(parent_len);
                 unreadable(rel, error, visit)?;
-                return visit(Visit::DirEnd(rel));
+                visit(Visit::DirEnd(rel))?;
+                return ControlFlow::Continue(None);
             }
         };
         let name = entry.file_name().to_bytes();
@@ -706,24 +773,14 @@ fn walk_dir(
         }
     }
     drop(listing);
-    let mut start = 0;
-    for end in ends {
-        let name = &subdirs[start..end];
-        start = end;
-        rel.truncate(parent_len);
-        if parent_len > 0 {
-            rel.push(b'/');
-        }
-        rel.extend_from_slice(name);
-        match open_beneath(fd, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
-            Ok(child) => walk_dir(child, dev, rel, visit)?,
-            // Gone, replaced by a symlink or a file, or a mount point: not part of the tree.
-            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => {}
-            Err(error) => unreadable(rel, error, visit)?,
-        }
-    }
     rel.truncate(parent_len);
-    visit(Visit::DirEnd(rel))
+    ControlFlow::Continue(Some(Level {
+        fd: lookup,
+        subdirs,
+        ends,
+        next: 0,
+        rel_len: parent_len,
+    }))
 }
 
 #[cfg(test)]
@@ -804,6 +861,49 @@ mod tests {
         nix::mount::umount(&tree.join("mnt")).unwrap();
         assert_eq!(files, vec![(b"kept".to_vec(), ino(&tree.join("kept")))]);
         assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    /// Regression: the walk recursed once per directory level, so a guest tree 2,000 levels
+    /// deep overflowed the stack of an I/O pool thread and aborted `unify`; 1,000 levels
+    /// overflow 128 KiB.
+    #[test]
+    fn walk_tree_descends_thousands_of_levels_on_a_small_stack() {
+        let tmp = tempfile::tempdir().unwrap();
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let mut fd = open_dir(tmp.path()).unwrap();
+        for _ in 0..1000 {
+            nix::sys::stat::mkdirat(&fd, "d", Mode::from_bits_truncate(0o755)).unwrap();
+            fd = nix::fcntl::openat(&fd, "d", flags, Mode::empty()).unwrap();
+        }
+        drop(nix::fcntl::openat(
+            &fd,
+            "bottom",
+            OFlag::O_CREAT | OFlag::O_WRONLY,
+            Mode::empty(),
+        ));
+        drop(fd);
+        let base = open_dir(tmp.path()).unwrap();
+        let (files, dirs, ends) = std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let (mut files, mut dirs, mut ends) = (Vec::new(), 0, 0);
+                let flow = walk_tree(base.as_fd(), &mut |v| {
+                    match v {
+                        Visit::File(rel, _) => files.push(rel.len()),
+                        Visit::Dir(_) => dirs += 1,
+                        Visit::DirEnd(_) => ends += 1,
+                        Visit::Error { rel, error, .. } => panic!("{} {error}", rel.len()),
+                    }
+                    ControlFlow::Continue(())
+                });
+                assert!(flow.is_continue());
+                (files, dirs, ends)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(files, [1000 * 2 + "bottom".len()]);
+        assert_eq!((dirs, ends), (1001, 1001));
     }
 
     #[test]
