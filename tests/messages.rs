@@ -184,3 +184,23 @@ fn a_damaged_index_names_index_rebuild_which_repairs_it() {
     assert_eq!(list_row(&root, "g1")["linked_files"], 2);
     assert_eq!(list_row(&root, "g2")["files"], 3);
 }
+
+#[test]
+fn a_filesystem_mounted_inside_a_guest_is_named_with_the_umount_that_removes_it() {
+    assert_root();
+    let s = Scratch::new("msg-mount-inside");
+    let root = unified_pair(&s);
+    let inside = base(&root, "g1").join("srv/data");
+    let _mnt = TmpfsMount::new(&inside);
+    for cmd in [&["fold", "g1"][..], &["unify", "g1"], &["destroy", "g1"]] {
+        let out = cowherd(&root).args(cmd).output().unwrap();
+        let line = assert_one_line_error(&out, 1);
+        assert!(
+            line.contains(&format!("mounted at {}", inside.display()))
+                && line.contains(&format!("`umount {}`", inside.display()))
+                && !line.contains("cowherd umount"),
+            "{cmd:?}: {line}"
+        );
+    }
+    assert!(base(&root, "g1").join("usr/bin/a").exists());
+}

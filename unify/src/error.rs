@@ -89,6 +89,20 @@ pub enum Error {
         /// The mount found.
         path: PathBuf,
     },
+    /// Another filesystem is mounted inside a guest's directory (in its base, say): cowherd
+    /// never crosses a mount, and the guest's layers must not change under it.
+    #[error(
+        "a {fstype} filesystem is mounted at {path}, inside guest {name}'s directory: unmount it \
+         (`umount {path}`) first; cowherd never crosses a mount"
+    )]
+    MountInside {
+        /// The guest.
+        name: String,
+        /// The mount point.
+        path: PathBuf,
+        /// Its filesystem type.
+        fstype: String,
+    },
     /// Processes (or mounts) keep a guest's overlay in use.
     #[error("guest {name} is in use by {by}; stop those first")]
     InUse {

@@ -616,8 +616,15 @@ pub(crate) fn check_offline(
     };
     let uses = |m: &MountEntry| overlay_layers(m).iter().any(|l| l.starts_with(&paths.dir));
     for m in &table.own {
-        if m.mount_point.starts_with(&paths.dir) || m.mount_point == paths.mount_point || uses(m) {
+        if m.mount_point == paths.mount_point || uses(m) {
             return Err(mounted(&record.name, &m.mount_point));
+        }
+        if m.mount_point.starts_with(&paths.dir) {
+            return Err(Error::MountInside {
+                name: record.name.clone(),
+                path: m.mount_point.clone(),
+                fstype: m.fstype.clone(),
+            });
         }
     }
     for (process, mounts) in &table.others {
