@@ -386,7 +386,13 @@ pub fn load_policy_file(path: &Path) -> Result<PolicyFile, PolicyError> {
         let message = match e.span() {
             Some(span) => {
                 let (line, column) = line_column(&text, span.start);
-                format!("line {line}, column {column}: {message}")
+                // The line itself names the key, which a type error does not.
+                match text.lines().nth(line - 1).map(str::trim) {
+                    Some(shown) if !shown.is_empty() && shown.chars().count() <= 80 => {
+                        format!("line {line}, column {column} (`{shown}`): {message}")
+                    }
+                    _ => format!("line {line}, column {column}: {message}"),
+                }
             }
             None => message,
         };
