@@ -36,7 +36,15 @@ pub fn run(keep: Option<PathBuf>, guests: usize, json: bool, bars: &Bars) -> Res
     let _tmp;
     let top: PathBuf = match keep {
         Some(dir) => {
-            if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
+            if dir.exists() && !dir.is_dir() {
+                bail!(
+                    "{} is not a directory; --keep wants a new or empty directory",
+                    dir.display()
+                );
+            }
+            let entries =
+                || std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()));
+            if dir.exists() && entries()?.next().is_some() {
                 bail!(
                     "{} is not empty; --keep wants a new or empty directory",
                     dir.display()

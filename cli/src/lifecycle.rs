@@ -223,7 +223,28 @@ pub fn umount(root: &HostRoot, select: &Select, json: bool) -> Result<u8> {
     Ok(code)
 }
 
+/// Refuses a `split` path that is not guest-absolute, is the guest's root, or holds a `.` or
+/// `..` component, naming it as given.
+fn check_split_path(path: &str) -> Result<()> {
+    if !path.starts_with('/') {
+        anyhow::bail!(
+            "split {path:?}: not a guest-absolute path; write it from the guest's root, like \
+             /usr/bin/ls"
+        );
+    }
+    if path.split('/').all(str::is_empty) {
+        anyhow::bail!("split {path:?}: the guest's root; name a file or directory below it");
+    }
+    if path.split('/').any(|c| c == "." || c == "..") {
+        anyhow::bail!("split {path:?}: holds a `.` or `..` component; write the path without them");
+    }
+    Ok(())
+}
+
 pub fn split(root: &HostRoot, guest: &str, paths: &[String], json: bool) -> Result<u8> {
+    for path in paths {
+        check_split_path(path)?;
+    }
     let r = cowherd_unify::split(root, guest, paths)?;
     if json {
         crate::print_json(&r)?;
@@ -254,6 +275,18 @@ pub fn split(root: &HostRoot, guest: &str, paths: &[String], json: bool) -> Resu
 }
 
 pub fn export(root: &HostRoot, guest: &str, dest: &Path, tar: bool, json: bool) -> Result<u8> {
+    cowherd_unify::guest_record(root, guest)?;
+    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty())
+        && dest != Path::new("-")
+        && !parent.is_dir()
+    {
+        anyhow::bail!(
+            "{}: {} is not a directory; export writes a new file or directory into an \
+             existing one",
+            dest.display(),
+            parent.display()
+        );
+    }
     if cowherd_unify::mount_state(root, guest)? != MountState::Unmounted {
         eprintln!(
             "note: {guest} is mounted: exporting what it shows now; files it changes meanwhile may be caught half-written (umount it for a consistent copy)"

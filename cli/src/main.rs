@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use cowherd_unify::{Access, HostRoot, MountState, UnifyOptions, UnifyReport};
 
 use crate::bars::Bars;
@@ -54,7 +54,7 @@ enum Command {
         /// The tree to adopt; must be a real directory on the root's filesystem.
         path: PathBuf,
         /// The guest's name: 1-64 of a-z A-Z 0-9 . _ -
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         name: String,
         /// Leave an empty directory at PATH and mount the guest's overlay there, so a runtime
         /// that expects the guest at PATH (an LXC rootfs, /var/lib/machines/NAME, a VServer
@@ -229,8 +229,9 @@ are shared, immutable paths are shared and get the inode's immutable flag."
         #[arg(long)]
         memory: bool,
         /// How many of the most-saving objects to list.
-        #[arg(long, default_value_t = 10)]
-        top: usize,
+        #[arg(long, default_value_t = 10, value_name = "N", allow_negative_numbers = true,
+              value_parser = number_in(0, u64::MAX))]
+        top: u64,
     },
     /// Re-hash every store object; report corrupt objects and stale index entries, and with
     /// --repair fix what can be fixed.
@@ -265,9 +266,10 @@ are shared, immutable paths are shared and get the inode's immutable flag."
         /// Build the demo root in DIR (must not exist or be empty) and keep it.
         #[arg(long, value_name = "DIR")]
         keep: Option<PathBuf>,
-        /// How many guests to generate.
-        #[arg(long, default_value_t = 12)]
-        guests: usize,
+        /// How many guests to generate (1 to 1000).
+        #[arg(long, default_value_t = 12, value_name = "N", allow_negative_numbers = true,
+              value_parser = number_in(1, 1000))]
+        guests: u64,
         /// Print the unify report and stats as JSON.
         #[arg(long)]
         json: bool,
@@ -321,11 +323,13 @@ struct UnifyArgs {
     #[arg(long)]
     ignore_mtime: bool,
     /// Smallest file to link, in bytes (empty files are never linked).
-    #[arg(long, default_value_t = 1, value_name = "BYTES")]
+    #[arg(long, default_value_t = 1, value_name = "BYTES", allow_negative_numbers = true,
+          value_parser = number_in(0, u64::MAX))]
     min_size: u64,
     /// Most links a store object may have (its st_nlink, counting the store's own name; the
     /// filesystem's limit applies too); past it a second object with the same key is started.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    #[arg(long, value_name = "N", allow_negative_numbers = true,
+          value_parser = number_in(2, u64::MAX))]
     max_links: Option<u64>,
     /// Print the summary as JSON.
     #[arg(long)]
@@ -335,11 +339,105 @@ struct UnifyArgs {
     verbose: bool,
 }
 
+/// A clap value parser for a whole number from `min` to `max`, whose error says so (`-1`
+/// reaches it too, with `allow_negative_numbers`).
+pub(crate) fn number_in(
+    min: u64,
+    max: u64,
+) -> impl Fn(&str) -> std::result::Result<u64, String> + Clone + Send + Sync + 'static {
+    move |text| {
+        text.parse::<u64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| match max {
+                u64::MAX => format!("give a whole number, {min} or more"),
+                _ => format!("give a whole number from {min} to {max}"),
+            })
+    }
+}
+
+/// The command line's subcommands, as far as they are given (`cowherd template build`), for
+/// the `--help` a usage error points to.
+fn command_path() -> String {
+    let cli = Cli::command();
+    let mut path = vec!["cowherd".to_string()];
+    let mut at = &cli;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--" => break,
+            "--root" => {
+                args.next();
+            }
+            a if a.starts_with('-') => {}
+            a => {
+                if let Some(sub) = at.find_subcommand(a) {
+                    path.push(a.to_string());
+                    at = sub;
+                }
+            }
+        }
+    }
+    path.join(" ")
+}
+
+/// Clap's error message on one line: the error, the lists and tips clap puts under it, the
+/// usage, and the `--help` to read.
+fn one_line_usage_error(rendered: &str, command: &str) -> String {
+    let mut message = String::new();
+    let mut usage = None;
+    let mut list: Vec<&str> = Vec::new();
+    let mut notes: Vec<&str> = Vec::new();
+    for line in rendered.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("For more information") {
+            continue;
+        }
+        if let Some(u) = line.strip_prefix("Usage: ") {
+            usage = Some(u);
+        } else if message.is_empty() {
+            message = line.strip_prefix("error: ").unwrap_or(line).to_string();
+        } else if line.starts_with("tip:") || line.starts_with('[') {
+            notes.push(line.trim_start_matches('[').trim_end_matches(']'));
+        } else {
+            list.push(line);
+        }
+    }
+    if !list.is_empty() {
+        message = format!("{}: {}", message.trim_end_matches(':'), list.join(", "));
+    }
+    for note in notes {
+        message.push_str("; ");
+        message.push_str(note);
+    }
+    if let Some(usage) = usage {
+        message.push_str(&format!("; usage: {usage}"));
+    }
+    format!("error: {message}; see `{command} --help`")
+}
+
 fn main() -> ExitCode {
     // Two arenas: the run's I/O threads allocate little, and unbounded arenas let peak RSS
     // grow with the threads that touched them (see `bound_malloc_arenas`).
     cowherd_unify::bound_malloc_arenas(2);
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            eprintln!(
+                "{}",
+                one_line_usage_error(&e.render().to_string(), &command_path())
+            );
+            return ExitCode::from(2);
+        }
+    };
     // `demo` works in a root of its own, `export` writes outside the root: a full or
     // read-only filesystem there is not the root's.
     let root = (!matches!(cli.command, Command::Demo { .. } | Command::Export { .. }))
@@ -425,7 +523,35 @@ pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a `--root` that is a file, or below one, before anything takes it for a root to
+/// make or open.
+fn check_root_path(root: &Path) -> Result<()> {
+    match std::fs::metadata(root) {
+        Ok(m) if !m.is_dir() => bail!(
+            "--root {}: not a directory; give the directory of the cowherd root (default {})",
+            root.display(),
+            cowherd_unify::DEFAULT_ROOT
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => bail!(
+            "--root {}: a part of the path is a file, not a directory; give the directory of \
+             the cowherd root (default {})",
+            root.display(),
+            cowherd_unify::DEFAULT_ROOT
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn run(cli: Cli) -> Result<u8> {
+    if !matches!(cli.command, Command::Demo { .. })
+        && let Err(e) = check_root_path(&cli.root)
+    {
+        if matches!(cli.command, Command::Exec { .. }) {
+            eprintln!("error: {e:#}");
+            return Ok(EXIT_EXEC_FAILED);
+        }
+        return Err(e);
+    }
     let bars = Bars::new(cli.quiet);
     match cli.command {
         Command::Init => {
@@ -518,7 +644,7 @@ fn run(cli: Cli) -> Result<u8> {
             memory: true,
         } => {
             let root = open(&cli.root, Access::Read)?;
-            let stats = cowherd_unify::memory_stats(&root, top)?;
+            let stats = cowherd_unify::memory_stats(&root, usize::try_from(top)?)?;
             if json {
                 print_json(&stats)?
             } else {
@@ -528,7 +654,7 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Command::Stats { json, top, .. } => {
             let root = open(&cli.root, Access::Read)?;
-            let stats = cowherd_unify::stats(&root, top)?;
+            let stats = cowherd_unify::stats(&root, usize::try_from(top)?)?;
             if json {
                 print_json(&stats)?
             } else {
@@ -626,7 +752,9 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Demo { keep, guests, json } => demo::run(keep, guests, json, &bars),
+        Command::Demo { keep, guests, json } => {
+            demo::run(keep, usize::try_from(guests)?, json, &bars)
+        }
     }
 }
 

@@ -159,22 +159,67 @@ impl TemplateCommand {
     }
 }
 
+/// Refuses `NAME@VERSION` where a command takes a template's name (only `template remove`
+/// takes a version).
+fn no_version(name: &str, what: &str) -> Result<()> {
+    if let Some((template, version)) = name.split_once('@') {
+        bail!(
+            "{name:?}: {what} takes a template's name, not NAME@VERSION: give {template:?} \
+             (version {version} is chosen by `cowherd template remove {template}@VERSION` only)"
+        );
+    }
+    Ok(())
+}
+
 pub fn run(root: &HostRoot, command: TemplateCommand, bars: &Bars) -> Result<u8> {
     match command {
         TemplateCommand::List { json } => list(root, json),
-        TemplateCommand::Show { name, json } => show(root, &name, json),
-        TemplateCommand::Build { name, json } => build_template(root, &name, false, json, bars),
-        TemplateCommand::Rebuild { name, json } => build_template(root, &name, true, json, bars),
+        TemplateCommand::Show { name, json } => {
+            no_version(&name, "`template show`")?;
+            show(root, &name, json)
+        }
+        TemplateCommand::Build { name, json } => {
+            no_version(&name, "`template build`")?;
+            build_template(root, &name, false, json, bars)
+        }
+        TemplateCommand::Rebuild { name, json } => {
+            no_version(&name, "`template rebuild`")?;
+            build_template(root, &name, true, json, bars)
+        }
         TemplateCommand::Remove { name, json } => {
             let (name, version) = match name.split_once('@') {
                 Some((n, v)) => (
                     n.to_string(),
-                    Some(v.parse::<u32>().with_context(|| {
+                    Some(v.parse::<u32>().ok().filter(|&v| v > 0).with_context(|| {
                         format!("{v:?} is no version number: write NAME@VERSION, e.g. {n}@1")
                     })?),
                 ),
                 None => (name, None),
             };
+            if cowherd_unify::validate_guest_name(&name).is_err() {
+                bail!(
+                    "invalid template name {name:?}: a template is named with 1-64 characters \
+                     of a-z A-Z 0-9 . _ - not starting with . or - (see `cowherd template list`)"
+                );
+            }
+            let built: Vec<u32> = cowherd_builder::versions(root, &name)?
+                .iter()
+                .map(|b| b.record.version)
+                .collect();
+            if built.is_empty() {
+                bail!(
+                    "template {name} has no built version: nothing to remove (`cowherd \
+                     template list` shows what is built)"
+                );
+            }
+            if let Some(v) = version.filter(|v| !built.contains(v)) {
+                let built: Vec<String> = built.iter().map(u32::to_string).collect();
+                bail!(
+                    "template {name} has no version {v}; its built versions are {} \
+                     (see `cowherd template show {name}`)",
+                    built.join(", ")
+                );
+            }
             let removed = cowherd_builder::remove_template(root, &name, version)?;
             if json {
                 print_json(&removed)?;
@@ -187,6 +232,12 @@ pub fn run(root: &HostRoot, command: TemplateCommand, bars: &Bars) -> Result<u8>
             Ok(0)
         }
         TemplateCommand::Check { file } => {
+            if file.is_dir() {
+                bail!(
+                    "{}: a directory; give a template file, NAME.toml",
+                    file.display()
+                );
+            }
             let template = template_set(root)?.check_file(&file)?;
             outln!(
                 "{}: template {} is valid ({})",
@@ -342,16 +393,17 @@ pub struct BuildArgs {
     #[arg(required_unless_present = "count", conflicts_with_all = ["count", "prefix"])]
     guest: Option<String>,
     /// The template to build from (its newest built version).
-    #[arg(long, short)]
+    #[arg(long, short, allow_hyphen_values = true)]
     template: String,
     /// The guest's hostname (default: its name).
-    #[arg(long, conflicts_with = "count")]
+    #[arg(long, conflicts_with = "count", allow_hyphen_values = true)]
     hostname: Option<String>,
     /// Build N guests, named PREFIX01 … PREFIXNN.
-    #[arg(long, value_name = "N", requires = "prefix", value_parser = clap::value_parser!(u64).range(1..=9999))]
+    #[arg(long, value_name = "N", requires = "prefix", allow_negative_numbers = true,
+          value_parser = crate::number_in(1, 9999))]
     count: Option<u64>,
     /// The name prefix of --count's guests.
-    #[arg(long, requires = "count")]
+    #[arg(long, requires = "count", allow_hyphen_values = true)]
     prefix: Option<String>,
     /// Mount each new guest.
     #[arg(long)]
@@ -361,7 +413,34 @@ pub struct BuildArgs {
     json: bool,
 }
 
+/// Reads the root's `policy.toml`, so that a bad rule stops a command before it makes a
+/// guest that the unification afterwards would refuse.
+fn check_root_policy(root: &HostRoot) -> Result<()> {
+    cowherd_unify::load_policy_file(&root.policy_path())?;
+    Ok(())
+}
+
 pub fn build(root: &HostRoot, args: BuildArgs, bars: &Bars) -> Result<u8> {
+    if args.template.contains('@') {
+        bail!(
+            "--template {:?}: a guest is built from the newest version of a template: give \
+             its name without @VERSION",
+            args.template
+        );
+    }
+    let names = match (&args.guest, args.count, &args.prefix) {
+        (Some(guest), _, _) => vec![guest.clone()],
+        (None, Some(count), Some(prefix)) => {
+            cowherd_builder::numbered_names(prefix, usize::try_from(count)?)
+        }
+        _ => bail!("name the guest, or give --count and --prefix"),
+    };
+    for name in &names {
+        cowherd_unify::validate_guest_name(name).with_context(|| match &args.prefix {
+            Some(prefix) => format!("--prefix {prefix:?} makes the guest name {name:?}"),
+            None => format!("building guest {name:?}"),
+        })?;
+    }
     let set = template_set(root)?;
     set.get(&args.template)?;
     let Some(built) = cowherd_builder::latest(root, &args.template)? else {
@@ -370,13 +449,7 @@ pub fn build(root: &HostRoot, args: BuildArgs, bars: &Bars) -> Result<u8> {
         });
     };
     let policy = cowherd_builder::template_policy(&set, &args.template)?;
-    let names = match (&args.guest, args.count, &args.prefix) {
-        (Some(guest), _, _) => vec![guest.clone()],
-        (None, Some(count), Some(prefix)) => {
-            cowherd_builder::numbered_names(prefix, count as usize)
-        }
-        _ => bail!("name the guest, or give --count and --prefix"),
-    };
+    check_root_policy(root)?;
     let mut done = Vec::new();
     let mut code = 0;
     for name in &names {
@@ -434,7 +507,7 @@ pub struct ImportArgs {
     guest: String,
     /// Where from: `[user@]host:/` (rsync over ssh), `rsync://host/module/`, a local
     /// directory, or a tarball (.tar, .tar.gz, .tar.xz, .tar.zst…).
-    #[arg(long, value_name = "SOURCE")]
+    #[arg(long, value_name = "SOURCE", allow_hyphen_values = true)]
     from: String,
     /// Also copy this mount point of the source (other mounts are left out); repeatable.
     #[arg(long, value_name = "PATH")]
@@ -471,6 +544,7 @@ struct Imported {
 
 pub fn import(root: &HostRoot, args: ImportArgs, bars: &Bars) -> Result<u8> {
     let source: cowherd_builder::Source = args.from.parse()?;
+    check_root_policy(root)?;
     let opts = cowherd_builder::ImportOptions {
         include_mounts: args.include_mount,
         rsh: args.rsh,

@@ -176,9 +176,10 @@ fn overlay_xattr<'x>(xattrs: &'x [(Vec<u8>, Vec<u8>)], key: &str) -> Option<&'x 
 ///      touching the upper layer; a base entry that already is this inode was done by an
 ///      earlier run;
 ///    * a directory: a base non-directory in the way goes to the trash; a missing one is made;
-///      for an opaque one, every base entry it lacks goes to the trash; its entries are
-///      folded, then its owner, xattrs (without `trusted.overlay.*`), mode and lastly mtime
-///      are given to the base directory.
+///      for an opaque one — or one inside an opaque one, which overlayfs does not mark but
+///      which hides base all the same — every base entry it lacks goes to the trash; its
+///      entries are folded, then its owner, xattrs (without `trusted.overlay.*`), mode and
+///      lastly mtime are given to the base directory.
 /// 2. **Swap**, only if step 1 failed nowhere: a new empty directory with the upper root's
 ///    owner, mode, xattrs and mtime is exchanged with `upper/` by one
 ///    `renameat2(RENAME_EXCHANGE)`. The old upper, the trash and the contents of `work/` are
@@ -508,19 +509,23 @@ impl Folder<'_> {
         }
         for name in &names {
             push(rel, parent_len, name);
-            self.fold_entry(upper, base, name, rel)?;
+            self.fold_entry(upper, base, name, rel, opaque)?;
         }
         rel.truncate(parent_len);
         Ok(())
     }
 
-    /// Folds the entry `name` of `upper` (guest path `rel`).
+    /// Folds the entry `name` of `upper` (guest path `rel`). `hidden`: its directory is opaque
+    /// (or inside an opaque one), so nothing of base below it shows: a directory there
+    /// replaces base's as an opaque one does, whether or not it is marked opaque itself
+    /// (overlayfs never marks a directory made inside an opaque one).
     fn fold_entry(
         &mut self,
         upper: BorrowedFd<'_>,
         base: Option<BorrowedFd<'_>>,
         name: &[u8],
         rel: &mut Vec<u8>,
+        hidden: bool,
     ) -> Result<()> {
         let (st, rdev) = match lstat_rdev(upper, name) {
             Ok(s) => s,
@@ -557,7 +562,7 @@ impl Folder<'_> {
             self.flags.push((rel.clone(), flags));
         }
         if st.is_dir() {
-            let opaque = self.opaque(&xattrs, &fsx::join(&self.paths.upper, rel))?;
+            let opaque = self.opaque(&xattrs, &fsx::join(&self.paths.upper, rel))? || hidden;
             self.fold_subdir(upper, base, name, rel, (&st, &xattrs), below, opaque)
         } else {
             if overlay_xattr(&xattrs, "metacopy").is_some() {

@@ -217,7 +217,7 @@ impl FromStr for Rule {
             line: None,
         };
         let blank = [' ', '\t'];
-        let text = s.trim_matches(blank);
+        let text = trim_unescaped_end(s.trim_start_matches(blank));
         if text.is_empty() {
             return Err(invalid(format!("empty rule; {RULE_FORM}")));
         }
@@ -249,6 +249,18 @@ impl fmt::Display for Rule {
     /// Writes `"<marker> <glob>"`, which parses back to the same rule.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.marker, self.glob)
+    }
+}
+
+/// `text` without its trailing spaces and tabs, except one escaped by a backslash (`\ `, the
+/// way a glob ends in a blank): it belongs to the glob.
+fn trim_unescaped_end(text: &str) -> &str {
+    let trimmed = text.trim_end_matches([' ', '\t']);
+    let backslashes = trimmed.bytes().rev().take_while(|&b| b == b'\\').count();
+    if backslashes % 2 == 1 && trimmed.len() < text.len() {
+        &text[..=trimmed.len()]
+    } else {
+        trimmed
     }
 }
 
@@ -374,7 +386,13 @@ pub fn load_policy_file(path: &Path) -> Result<PolicyFile, PolicyError> {
         let message = match e.span() {
             Some(span) => {
                 let (line, column) = line_column(&text, span.start);
-                format!("line {line}, column {column}: {message}")
+                // The line itself names the key, which a type error does not.
+                match text.lines().nth(line - 1).map(str::trim) {
+                    Some(shown) if !shown.is_empty() && shown.chars().count() <= 80 => {
+                        format!("line {line}, column {column} (`{shown}`): {message}")
+                    }
+                    _ => format!("line {line}, column {column}: {message}"),
+                }
             }
             None => message,
         };
