@@ -757,6 +757,18 @@ pub fn import(
             why: "a tarball holds no mounts: include mounts only with an rsync source",
         });
     }
+    if let Source::Local(top) = source {
+        // rsync would only say it cannot change into it.
+        for rel in &included {
+            let real = Beneath::open(top).and_then(|tree| tree.dir(rel)).is_ok();
+            if !real {
+                return Err(ImportError::BadIncludeMount {
+                    path: Path::new("/").join(rel),
+                    why: "the source has no directory there: --include-mount names one of the source's mount points, as in /srv",
+                });
+            }
+        }
+    }
     if opts.resync {
         resync(root, name, source, opts, &included)
     } else {
