@@ -66,9 +66,9 @@ fn split_of_a_path_climbing_out_with_dotdot_says_it_leaves_the_guest() {
         .args(["split", "g1", "/../../etc/shadow"])
         .output()
         .unwrap();
-    let line = assert_one_line_error(&out, 3);
+    let line = assert_one_line_error(&out, 1);
     assert!(line.contains("/../../etc/shadow"), "{line}");
-    assert!(line.contains("leaves the guest"), "{line}");
+    assert!(line.contains("leave the guest"), "{line}");
     assert!(!line.contains("filesystem"), "{line}");
 }
 

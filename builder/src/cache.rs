@@ -85,6 +85,10 @@ fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
 /// # Errors
 /// Reading the cache directory or a record.
 pub fn versions(root: &HostRoot, name: &str) -> Result<Vec<Built>, Error> {
+    // A name that is no template's (`..`, `a/b`) has no versions, and is never a path.
+    if !crate::template::valid_name(name) {
+        return Ok(Vec::new());
+    }
     let dir = root.path().join("templates").join(name);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Ok(Vec::new());

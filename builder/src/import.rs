@@ -760,13 +760,20 @@ pub fn import(
     if let Source::Local(top) = source {
         // rsync would only say it cannot change into it.
         for rel in &included {
-            let real = Beneath::open(top).and_then(|tree| tree.dir(rel)).is_ok();
-            if !real {
-                return Err(ImportError::BadIncludeMount {
-                    path: Path::new("/").join(rel),
-                    why: "the source has no directory there: --include-mount names one of the source's mount points, as in /srv",
-                });
-            }
+            let found = Beneath::open(top).and_then(|tree| tree.lstat(rel));
+            let why = match found {
+                Ok(Some(st)) if kind(&st) == SFlag::S_IFDIR => continue,
+                Ok(Some(_)) | Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                    "the machine's own tree holds a symlink or a file there, not a mount point's directory"
+                }
+                _ => {
+                    "the source has no directory there: --include-mount names one of the source's mount points, as in /srv"
+                }
+            };
+            return Err(ImportError::BadIncludeMount {
+                path: Path::new("/").join(rel),
+                why,
+            });
         }
     }
     if opts.resync {

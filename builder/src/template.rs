@@ -451,7 +451,7 @@ fn read_file(path: &Path) -> Result<Entry, TemplateError> {
 }
 
 /// Whether `name` is a valid template name: the rule of guest names.
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     validate_guest_name(name).is_ok()
 }
 

@@ -236,7 +236,9 @@ fn check_split_path(path: &str) -> Result<()> {
         anyhow::bail!("split {path:?}: the guest's root; name a file or directory below it");
     }
     if path.split('/').any(|c| c == "." || c == "..") {
-        anyhow::bail!("split {path:?}: holds a `.` or `..` component; write the path without them");
+        anyhow::bail!(
+            "split {path:?}: holds a `.` or `..` component (`..` would leave the guest; it is never followed); write the path without them"
+        );
     }
     Ok(())
 }

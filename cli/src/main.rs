@@ -358,11 +358,24 @@ pub(crate) fn number_in(
 
 /// The command line's subcommands, as far as they are given (`cowherd template build`), for
 /// the `--help` a usage error points to.
+/// Raises the soft limit of open descriptors to the hard one (best effort).
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
 fn command_path() -> String {
     let cli = Cli::command();
     let mut path = vec!["cowherd".to_string()];
     let mut at = &cli;
-    let mut args = std::env::args().skip(1);
+    // Arguments need not be UTF-8 (a guest's path): they are read as they are.
+    let mut args = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned());
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--" => break,
@@ -419,6 +432,8 @@ fn main() -> ExitCode {
     // Two arenas: the run's I/O threads allocate little, and unbounded arenas let peak RSS
     // grow with the threads that touched them (see `bound_malloc_arenas`).
     cowherd_unify::bound_malloc_arenas(2);
+    // A walk of a hostile tree holds a descriptor a level: take what the hard limit allows.
+    raise_fd_limit();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -886,79 +886,86 @@ type Visit<'a> = dyn FnMut(&[u8], BorrowedFd<'_>, &[u8], &Stat, u64, &[fsx::Xatt
 
 /// Walks every entry of the tree at `top` (host path `top_path`), depth first in name order,
 /// never following a symlink and never entering a mount point (it is visited, not entered).
+///
+/// # Algorithm
+/// A loop over a stack of levels kept on the heap (one open directory and its sorted names
+/// each), not recursion: a hostile tree thousands of levels deep costs a descriptor a level
+/// and no stack. Deeper than [`MAX_DEPTH`] is an error.
 fn walk(top: BorrowedFd<'_>, top_path: &Path, visit: &mut Visit<'_>) -> Result<()> {
+    struct Level {
+        dir: OwnedFd,
+        names: std::vec::IntoIter<Vec<u8>>,
+        /// Length of the walk's path at this level.
+        len: usize,
+    }
     let st = nix::sys::stat::fstat(top).at(top_path)?;
     let xattrs = fsx::xattrs_at(top, b".").at(top_path)?;
-    if !visit(
-        b"",
-        top,
-        b".",
-        &Stat::from(st),
-        st.st_rdev,
-        &xattrs,
-        Vec::new(),
-    )? {
+    if !visit(b"", top, b".", &Stat::from(st), st.st_rdev, &xattrs, Vec::new())? {
         return Ok(());
     }
-    walk_dir(top, top_path, st.st_dev, &mut Vec::new(), 1, visit)
-}
-
-fn walk_dir(
-    dir: BorrowedFd<'_>,
-    top_path: &Path,
-    dev: u64,
-    rel: &mut Vec<u8>,
-    depth: usize,
-    visit: &mut Visit<'_>,
-) -> Result<()> {
-    if depth > MAX_DEPTH {
-        return Err(Error::Io {
-            path: fsx::join(top_path, rel),
-            error: std::io::Error::other(format!(
-                "more than {MAX_DEPTH} directories deep; flatten the tree"
-            )),
-        });
-    }
-    let mut names = fsx::read_names(dir).at(fsx::join(top_path, rel))?;
-    names.sort();
-    for name in names {
-        let len = rel.len();
-        if len > 0 {
+    let dev = st.st_dev;
+    let listed = |dir: OwnedFd, rel: &[u8]| -> Result<Level> {
+        let mut names = fsx::read_names(dir.as_fd()).at(fsx::join(top_path, rel))?;
+        names.sort();
+        Ok(Level {
+            dir,
+            names: names.into_iter(),
+            len: rel.len(),
+        })
+    };
+    let mut rel: Vec<u8> = Vec::new();
+    let first = fsx::open_beneath(top, b"", OFlag::O_RDONLY | OFlag::O_DIRECTORY).at(top_path)?;
+    let mut stack = vec![listed(first, &rel)?];
+    while let Some(level) = stack.last_mut() {
+        let Some(name) = level.names.next() else {
+            stack.pop();
+            continue;
+        };
+        rel.truncate(level.len);
+        if !rel.is_empty() {
             rel.push(b'/');
         }
         rel.extend_from_slice(&name);
+        let dir = level.dir.as_fd();
         let st = match nix::sys::stat::fstatat(
             dir,
             OsStr::from_bytes(&name),
             AtFlags::AT_SYMLINK_NOFOLLOW,
         ) {
             Ok(st) => st,
-            Err(Errno::ENOENT) => {
-                rel.truncate(len);
-                continue;
-            }
-            Err(e) => return Err(e).at(fsx::join(top_path, rel)),
+            Err(Errno::ENOENT) => continue,
+            Err(e) => return Err(e).at(fsx::join(top_path, &rel)),
         };
         let stat = Stat::from(st);
-        let xattrs = fsx::xattrs_at(dir, &name).at(fsx::join(top_path, rel))?;
+        let xattrs = fsx::xattrs_at(dir, &name).at(fsx::join(top_path, &rel))?;
         let target = if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
             nix::fcntl::readlinkat(dir, OsStr::from_bytes(&name))
-                .at(fsx::join(top_path, rel))?
+                .at(fsx::join(top_path, &rel))?
                 .as_bytes()
                 .to_vec()
         } else {
             Vec::new()
         };
-        let descend = visit(rel, dir, &name, &stat, st.st_rdev, &xattrs, target)?;
-        if descend && stat.is_dir() && st.st_dev == dev {
-            match fsx::open_beneath(dir, &name, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
-                Ok(sub) => walk_dir(sub.as_fd(), top_path, dev, rel, depth + 1, visit)?,
-                // A mount point of the same filesystem (a bind mount): visited, not entered.
-                Err(Errno::EXDEV) => {}
-                Err(e) => return Err(e).at(fsx::join(top_path, rel)),
-            }
+        let descend = visit(&rel, dir, &name, &stat, st.st_rdev, &xattrs, target)?;
+        if !(descend && stat.is_dir() && st.st_dev == dev) {
+            continue;
         }
-        rel.truncate(len);
+        let sub = match fsx::open_beneath(dir, &name, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+            Ok(sub) => sub,
+            // A mount point of the same filesystem (a bind mount): visited, not entered.
+            Err(Errno::EXDEV) => continue,
+            Err(e) => return Err(e).at(fsx::join(top_path, &rel)),
+        };
+        if stack.len() >= MAX_DEPTH {
+            return Err(Error::Io {
+                path: fsx::join(top_path, &rel),
+                error: std::io::Error::other(format!(
+                    "more than {MAX_DEPTH} directories deep; flatten the tree"
+                )),
+            });
+        }
+        let level = listed(sub, &rel)?;
+        stack.push(level);
     }
     Ok(())
 }

@@ -109,7 +109,7 @@ pub fn unify(
         match opened {
             Ok(g) => guests.push(g),
             // A host always has running guests: --all leaves them for their next restart.
-            Err(Error::Mounted { .. } | Error::InUse { .. }) if all => {
+            Err(Error::Mounted { .. } | Error::InUse { .. } | Error::MountInside { .. }) if all => {
                 report.skipped_mounted.push(name.clone());
             }
             Err(e) if !all => return Err(e),
