@@ -1,22 +1,28 @@
 //! `cowherd exec` against a hostile command: a static program run inside a mounted guest tries
 //! the ways out of a chroot (a chroot into a subdirectory then `..` up, `/proc/1/root`, a
-//! descriptor its caller passed in, mounting, device nodes) and reports what it reached; the
-//! host's canary files must come out unchanged.
+//! descriptor its caller passed in, mounting, device nodes), the host's kernel settings under
+//! `/proc` and the caller's terminal (`TIOCSTI`), and reports what it reached; the host's
+//! canary files and its `kernel.core_pattern` must come out unchanged.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::thread;
 
 use common::*;
 
 /// The escape program. Arguments: a host file to read, a host file to write, and the number of
 /// a descriptor on the host directory holding both, opened by the caller of `cowherd`. It
 /// prints one `key: value` line per attempt (errno names, or what it read: size and FNV-1a
-/// hash, never the bytes) and exits 0 whatever it reached.
+/// hash, never the bytes) and exits 0 whatever it reached. What it writes to the host's kernel
+/// settings is harmless even where it gets through: `kernel.core_pattern`'s own value back, and
+/// nothing (a zero-length write) to `/proc/sysrq-trigger`.
 const ESCAPE_C: &str = r#"
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -25,6 +31,7 @@ const ESCAPE_C: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -41,6 +48,8 @@ static const char *name(int e) {
     case ENOTDIR: return "ENOTDIR";
     case EROFS: return "EROFS";
     case EINVAL: return "EINVAL";
+    case ENOTTY: return "ENOTTY";
+    case EIO: return "EIO";
     }
     snprintf(buf, sizeof buf, "errno%d", e);
     return buf;
@@ -67,6 +76,57 @@ static void write_file(const char *key, int dir, const char *path) {
     ssize_t put = write(fd, "escaped\n", 8);
     close(fd);
     printf("%s: wrote %zd\n", key, put);
+}
+
+/* The host's kernel settings under /proc, and whether the command can make them writable. */
+static void kernel_settings(void) {
+    char value[4096];
+    ssize_t len = -1;
+    int fd = open("/proc/sys/kernel/core_pattern", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) { len = read(fd, value, sizeof value); close(fd); }
+    if (len <= 0) { printf("core-pattern-read: %s\n", name(errno)); return; }
+    fd = open("/proc/sys/kernel/core_pattern", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) {
+        printf("core-pattern-write: %s\n", name(errno));
+    } else {
+        /* Its own value back: the write would reach the host's kernel, and change nothing. */
+        ssize_t put = write(fd, value, (size_t)len);
+        printf("core-pattern-write: wrote %zd\n", put);
+        close(fd);
+    }
+    fd = open("/proc/sysrq-trigger", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) {
+        printf("sysrq-trigger-write: %s\n", name(errno));
+    } else {
+        ssize_t put = write(fd, "", 0); /* no key: triggers nothing */
+        printf("sysrq-trigger-write: wrote %zd\n", put);
+        close(fd);
+    }
+    /* `mount -o remount,rw /proc/sys`, and taking the read-only mount away. */
+    if (mount(NULL, "/proc/sys", NULL, MS_REMOUNT | MS_BIND, NULL) == 0) printf("remount-proc-sys: ok\n");
+    else printf("remount-proc-sys: %s\n", name(errno));
+    if (umount2("/proc/sys", MNT_DETACH) == 0) printf("umount-proc-sys: ok\n");
+    else printf("umount-proc-sys: %s\n", name(errno));
+}
+
+/* The caller's terminal: is stdin one, is it the controlling terminal, can input be pushed. */
+static void terminal(void) {
+    printf("stdin-tty: %s\n", isatty(0) ? "yes" : "no");
+    int tty_nr = -1;
+    FILE *stat = fopen("/proc/self/stat", "re");
+    char line[1024];
+    if (stat && fgets(line, sizeof line, stat)) {
+        char *end = strrchr(line, ')');
+        if (end) sscanf(end + 1, " %*c %*d %*d %*d %d", &tty_nr);
+    }
+    if (stat) fclose(stat);
+    printf("ctty: %s\n", tty_nr == 0 ? "none" : tty_nr > 0 ? "yes" : "unknown");
+    char c = '\n';
+    if (ioctl(0, TIOCSTI, &c) == 0) printf("tiocsti: ok\n");
+    else printf("tiocsti: %s\n", name(errno));
+    /* Taking the terminal as its own controlling terminal, to push input then. */
+    if (ioctl(0, TIOCSCTTY, 1) == 0) printf("tiocsctty: ok\n");
+    else printf("tiocsctty: %s\n", name(errno));
 }
 
 int main(int argc, char **argv) {
@@ -99,13 +159,19 @@ int main(int argc, char **argv) {
     /* The mounts its namespace shows it. */
     FILE *mounts = fopen("/proc/self/mountinfo", "re");
     while (mounts && fgets(line, sizeof line, mounts)) {
-        char point[256], type[64];
+        char point[256], options[256], type[64];
         char *dash = strstr(line, " - ");
-        if (sscanf(line, "%*s %*s %*s %*s %255s", point) == 1 && dash
-            && sscanf(dash + 3, "%63s", type) == 1)
+        if (sscanf(line, "%*s %*s %*s %*s %255s %255s", point, options) == 2 && dash
+            && sscanf(dash + 3, "%63s", type) == 1) {
             printf("mountinfo: %s %s\n", point, type);
+            if (!strcmp(options, "ro") || !strncmp(options, "ro,", 3))
+                printf("mount-ro: %s\n", point);
+        }
     }
     if (mounts) fclose(mounts);
+
+    kernel_settings();
+    terminal();
 
     /* The caller's descriptor on the host directory. */
     struct stat st;
@@ -146,6 +212,10 @@ int main(int argc, char **argv) {
     return 0;
 }
 "#;
+
+/// The entries of `/proc` that exec mounts read-only (those the host's kernel has): they act
+/// on the host's kernel, not on the guest.
+const READ_ONLY_PROC: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
 
 /// The descriptor number the test's shell opens on the host directory before it starts
 /// `cowherd exec`.
@@ -296,37 +366,98 @@ impl Hostile {
         }
     }
 
-    /// Runs the escape program with `cowherd exec`, from a shell that opened descriptor
-    /// [`PASSED_FD`] on the canaries' directory (not close-on-exec) and then became `cowherd`.
+    /// The command line that runs the escape program with `cowherd exec`, from a shell that
+    /// opens descriptor [`PASSED_FD`] on the canaries' directory (not close-on-exec) and then
+    /// becomes `cowherd`.
+    fn argv(&self) -> Vec<OsString> {
+        let mut argv: Vec<OsString> = vec![
+            "sh".into(),
+            "-c".into(),
+            format!("exec {PASSED_FD}<\"$0\" && exec \"$@\"").into(),
+            self.host.clone().into(),
+            cowherd_bin().into(),
+            "--root".into(),
+            self.root.clone().into(),
+        ];
+        argv.extend(["exec", "g", "--", "/escape"].map(OsString::from));
+        argv.extend([&self.secret, &self.target].map(|p| p.as_os_str().to_owned()));
+        argv.push(PASSED_FD.into());
+        argv
+    }
+
+    /// Runs the escape program (see [`argv`](Self::argv)) with its output on pipes.
     fn run(&self) -> Report {
+        let argv = self.argv();
+        self.checked(|| {
+            let out = Command::new(&argv[0])
+                .args(&argv[1..])
+                .env_remove("COWHERD_ROOT")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            (out.status, out.stdout, stderr)
+        })
+    }
+
+    /// Runs the escape program (see [`argv`](Self::argv)) on a new pseudo-terminal that is
+    /// `cowherd`'s controlling terminal and its standard input, output and error, as when run
+    /// from an interactive shell.
+    fn run_on_terminal(&self) -> Report {
+        let argv = self.argv();
+        self.checked(|| {
+            let pty = nix::pty::openpty(None, None).expect("openpty");
+            let mut master = fs::File::from(pty.master);
+            let reader = thread::spawn(move || {
+                let mut out = Vec::new();
+                let mut buf = [0_u8; 4096];
+                loop {
+                    match master.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => out.extend_from_slice(&buf[..n]),
+                        // Every descriptor on the terminal's other side is closed.
+                        Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+                        Err(e) => panic!("read the terminal: {e}"),
+                    }
+                }
+                out
+            });
+            let slave = pty.slave;
+            let stdio = || Stdio::from(slave.try_clone().expect("dup the terminal"));
+            // A new session whose controlling terminal is the pty (`setsid --ctty`).
+            let status = Command::new("setsid")
+                .args(["--wait", "--ctty"])
+                .args(&argv)
+                .stdin(stdio())
+                .stdout(stdio())
+                .stderr(stdio())
+                .env_remove("COWHERD_ROOT")
+                .status()
+                .expect("run setsid (util-linux)");
+            drop(slave);
+            let out = reader.join().expect("the terminal's reader");
+            // The terminal writes each newline as CR LF.
+            let out: Vec<u8> = out.into_iter().filter(|&b| b != b'\r').collect();
+            (status, out, String::new())
+        })
+    }
+
+    /// Runs `run` (which returns the exit status, output and error output of `cowherd`),
+    /// checks that it succeeded and left the host canaries as they were, and parses the
+    /// escape program's report.
+    fn checked(&self, run: impl FnOnce() -> (std::process::ExitStatus, Vec<u8>, String)) -> Report {
         let before = [fingerprint(&self.secret), fingerprint(&self.target)];
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(format!("exec {PASSED_FD}<\"$0\" && exec \"$@\""))
-            .arg(&self.host)
-            .arg(cowherd_bin())
-            .arg("--root")
-            .arg(&self.root)
-            .args(["exec", "g", "--", "/escape"])
-            .arg(&self.secret)
-            .arg(&self.target)
-            .arg(PASSED_FD)
-            .env_remove("COWHERD_ROOT")
-            .output()
-            .unwrap();
-        let raw = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{raw}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (status, stdout, stderr) = run();
+        let raw = String::from_utf8_lossy(&stdout).into_owned();
+        assert!(status.success(), "{status}\n{raw}\n{stderr}");
+        // Nothing from cowherd or its launcher (a shell's warning, say) on standard error.
+        assert_eq!(stderr, "", "{raw}");
         let after = [fingerprint(&self.secret), fingerprint(&self.target)];
         assert_eq!(
             before, after,
             "a host canary changed (content, inode, mode, owner or mtime):\n{raw}"
         );
         let mut lines: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for line in raw.lines() {
+        for line in raw.lines().filter(|line| !line.is_empty()) {
             let (key, value) = line.split_once(": ").unwrap_or((line, ""));
             lines
                 .entry(key.to_owned())
@@ -335,6 +466,16 @@ impl Hostile {
         }
         Report { lines, raw }
     }
+}
+
+/// The entries of [`READ_ONLY_PROC`] that this host's `/proc` has, as mount points inside
+/// exec.
+fn read_only_proc() -> Vec<String> {
+    READ_ONLY_PROC
+        .iter()
+        .filter(|name| fs::symlink_metadata(Path::new("/proc").join(name)).is_ok())
+        .map(|name| format!("/proc/{name}"))
+        .collect()
 }
 
 #[test]
@@ -358,12 +499,54 @@ fn a_chroot_breakout_inside_exec_reaches_no_host_file() {
     // Nor does PID 1's root directory, or the namespace's mounts, lead to the host.
     assert_eq!(report.one("proc1root-secret"), "ENOENT", "{}", report.raw);
     let mounts = &report.lines["mountinfo"];
-    assert_eq!(
-        mounts,
-        &["/ overlay".to_owned(), "/proc proc".to_owned()],
-        "{}",
-        report.raw
+    let expected: Vec<String> = ["/ overlay".to_owned(), "/proc proc".to_owned()]
+        .into_iter()
+        .chain(read_only_proc().iter().map(|point| format!("{point} proc")))
+        .collect();
+    assert_eq!(mounts, &expected, "{}", report.raw);
+}
+
+#[test]
+fn exec_cannot_change_the_hosts_kernel_settings_under_proc() {
+    let h = Hostile::new("exec-proc-sys");
+    let core_pattern = || fs::read("/proc/sys/kernel/core_pattern").expect("read core_pattern");
+    let before = core_pattern();
+    let report = h.run();
+    assert_eq!(core_pattern(), before, "{}", report.raw);
+
+    // kernel.core_pattern (whose `|/path` the kernel runs as root on the host) and the SysRq
+    // trigger (reboot, crash) cannot be opened for writing…
+    assert_eq!(report.one("core-pattern-write"), "EROFS", "{}", report.raw);
+    let sysrq = if Path::new("/proc/sysrq-trigger").exists() {
+        "EROFS"
+    } else {
+        "ENOENT" // a kernel without CONFIG_MAGIC_SYSRQ
+    };
+    assert_eq!(report.one("sysrq-trigger-write"), sysrq, "{}", report.raw);
+    // …because /proc/sys, /proc/sysrq-trigger and their kin are read-only mounts…
+    assert!(
+        read_only_proc().contains(&"/proc/sys".to_owned()),
+        "this host has no /proc/sys"
     );
+    let read_only = report.lines.get("mount-ro").cloned().unwrap_or_default();
+    assert_eq!(read_only, read_only_proc(), "{}", report.raw);
+    // …and without CAP_SYS_ADMIN the command can neither remount them writable nor take
+    // them away.
+    assert_eq!(report.one("remount-proc-sys"), "EPERM", "{}", report.raw);
+    assert_eq!(report.one("umount-proc-sys"), "EPERM", "{}", report.raw);
+}
+
+#[test]
+fn exec_on_a_terminal_cannot_push_input_into_it() {
+    let h = Hostile::new("exec-tiocsti");
+    let report = h.run_on_terminal();
+    // The terminal is still its standard input (and output), but not its controlling
+    // terminal: TIOCSTI, which would type commands into the caller's shell, is refused.
+    assert_eq!(report.one("stdin-tty"), "yes", "{}", report.raw);
+    assert_eq!(report.one("ctty"), "none", "{}", report.raw);
+    assert_eq!(report.one("tiocsti"), "EPERM", "{}", report.raw);
+    // Nor can it take the terminal from the caller's session (that needs CAP_SYS_ADMIN).
+    assert_eq!(report.one("tiocsctty"), "EPERM", "{}", report.raw);
 }
 
 #[test]
@@ -393,6 +576,8 @@ fn exec_help_says_what_exec_is_not() {
         "pivot_root",
         "user namespace",
         "CAP_SYS_ADMIN",
+        "/proc/sys",
+        "TIOCSTI",
         "SECURITY.md",
     ] {
         assert!(help.contains(words), "exec --help lacks {words:?}:\n{help}");

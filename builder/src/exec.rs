@@ -1,19 +1,28 @@
 //! Running a command inside a guest's root directory: `pivot_root` into it in new mount, PID,
 //! UTS and IPC namespaces, the host's root detached, no descriptor but standard input, output
-//! and error, a bounded capability set; without `unsafe` and without `fork`.
+//! and error, a bounded capability set, the host's kernel settings under `/proc` read-only, no
+//! controlling terminal; without `unsafe` and without `fork`.
 
 use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::{env, fs, thread};
+use std::time::Duration;
+use std::{env, fs, io, thread};
 
 use cowherd_unify::close_on_exec_above_stderr;
 use nix::errno::Errno;
+use nix::fcntl::{OFlag, open};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sched::{CloneFlags, unshare};
-use nix::unistd::{Pid, chdir, gettid, pivot_root, sethostname};
+use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::stat::Mode;
+use nix::sys::statfs::{PROC_SUPER_MAGIC, fstatfs};
+use nix::sys::statvfs::{FsFlags, statvfs};
+use nix::unistd::{Pid, chdir, fchdir, gettid, pipe2, pivot_root, sethostname, write};
 
 use crate::error::Error;
 
@@ -56,6 +65,25 @@ const KEPT_CAPABILITIES: [&str; 22] = [
     "sys_resource",
     "sys_tty_config",
 ];
+
+/// The entries of the command's `/proc` that act on the host's kernel, not on the guest: they
+/// are mounted read-only (those the kernel has), as Docker does. `sys` holds
+/// `kernel.core_pattern` and `kernel.modprobe`, programs the kernel runs as root on the host;
+/// `sysrq-trigger` reboots or crashes the host; `irq`, `bus` and `fs` set up host devices and
+/// filesystems.
+const READ_ONLY_PROC: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
+
+/// The gate of the chain (step 3 of [`Exec::run`]), run by the host's `sh` with the gate's
+/// path as `$0` and the rest of the chain as `$@`: it waits for the line `go`, then `exec`s
+/// the rest. Anything else (end of file: cowherd died or gave up) ends the chain before the
+/// command. Reading builtins and `exec` only: no `fork`, and the redirection's descriptor is
+/// closed again before `exec`. It takes away what a shell adds to the environment (`PWD`,
+/// `OLDPWD`, `SHLVL`).
+const GATE_SCRIPT: &str = "unset PWD OLDPWD SHLVL; \
+IFS= read -r word < \"$0\" && [ \"$word\" = go ] && exec \"$@\"; exit 125";
+
+/// The longest pause between two looks at whether the chain reached its gate.
+const GATE_POLL_MAX: Duration = Duration::from_millis(5);
 
 /// A command to run inside a guest's root directory (see [`Exec::run`]).
 #[derive(Clone, Debug)]
@@ -117,13 +145,18 @@ impl Exec {
     ///
     /// The command's root directory is the root of its own mount namespace, which holds the
     /// guest's mounts and its own `/proc` and nothing of the host's: no host path can be walked
-    /// to (`..`, `chroot`, `/proc/1/root`). It runs in `/`, as PID 1 of a new PID namespace, with
-    /// the hostname set in a new UTS namespace, in a new IPC namespace, with no descriptor but
-    /// 0, 1 and 2, and with systemd-nspawn's default capabilities less `CAP_SYS_ADMIN`,
-    /// `CAP_MKNOD`, `CAP_DAC_READ_SEARCH` and `CAP_SYS_BOOT` (bounding, permitted and effective
-    /// sets; the inheritable set empty). Its environment holds only `PATH`, `HOME=/root`,
-    /// `TERM`, `LANG`, `LC_ALL` when the caller has them, and what [`env`](Self::env) set. It
-    /// is killed if the caller dies first.
+    /// to (`..`, `chroot`, `/proc/1/root`). In that `/proc`, the entries that act on the host's
+    /// kernel (`sys`, `sysrq-trigger`, `irq`, `bus`, `fs`) are read-only mounts, made before the
+    /// command starts; without `CAP_SYS_ADMIN` it cannot remount or unmount them. It runs in
+    /// `/`, as PID 1 of a new PID namespace, with the hostname set in a new UTS namespace, in a
+    /// new IPC namespace, in a new session without a controlling terminal (so `TIOCSTI` cannot
+    /// push input into the caller's terminal; standard input, output and error are still the
+    /// caller's), with no descriptor but 0, 1 and 2, and with systemd-nspawn's default
+    /// capabilities less `CAP_SYS_ADMIN`, `CAP_MKNOD`, `CAP_DAC_READ_SEARCH` and `CAP_SYS_BOOT`
+    /// (bounding, permitted and effective sets; the inheritable set empty). Its environment
+    /// holds only `PATH`, `HOME=/root`, `TERM`, `LANG`, `LC_ALL` when the caller has them, and
+    /// what [`env`](Self::env) set, less `PWD`, `OLDPWD` and `SHLVL`. It is killed if the
+    /// caller dies first.
     ///
     /// It is still root on the host's kernel (no user namespace), in the host's network, with
     /// no seccomp filter: a confinement of its file-system view, not a security boundary.
@@ -134,8 +167,11 @@ impl Exec {
     /// # Errors
     /// [`Error::EmptyCommand`], [`Error::BadHostname`]; [`Error::NotADirectory`] or
     /// [`Error::NoProc`] for an unusable root directory; [`Error::MissingProgram`] without
-    /// util-linux; [`Error::Namespace`] if the namespaces cannot be set up (not root);
-    /// [`Error::Io`] if the command cannot be started or waited for. The command failing is not an error: its code is in [`ExecOutput::code`].
+    /// util-linux or a shell; [`Error::Namespace`] if the namespaces cannot be set up (not
+    /// root), if the chain ends before it reaches the command, or if the host's kernel settings
+    /// under `/proc` cannot be made read-only (the command is then never started);
+    /// [`Error::Io`] if the command cannot be started or waited for. The command failing is
+    /// not an error: its code is in [`ExecOutput::code`].
     ///
     /// # Algorithm
     /// 1. Every descriptor above 2 is marked close-on-exec (`close_range`).
@@ -147,20 +183,42 @@ impl Exec {
     ///    waits there until the command ends.
     /// 3. A second dedicated thread unshares the PID namespace and starts, as that namespace's
     ///    first process (so the command ends up as its PID 1, and its wait status is exact: no
-    ///    `fork` in between, util-linux issue 2614), the chain of the host's util-linux
-    ///    programs, each `exec`ing the next:
+    ///    `fork` in between, util-linux issue 2614), the chain of the host's programs (all
+    ///    util-linux but the gate), each `exec`ing the next:
     ///    `setpriv --pdeathsig KILL` (killed if that thread dies);
+    ///    `setsid`, a new session without a controlling terminal (the chain's first process
+    ///    leads no process group, so `setsid` does not fork);
     ///    `nsenter --mount --uts --ipc` into the first thread's namespaces, with `--root=/`
     ///    keeping the host's root directory (opened before entering, so the next programs are
     ///    still the host's) and `--wd` the guest's root;
     ///    `unshare --mount-proc=./proc` (a private copy of that mount namespace, with the new
     ///    PID namespace's proc mounted on the guest's `/proc`);
+    ///    the gate, `sh -c` `GATE_SCRIPT`, which blocks reading a pipe of cowherd's (opened
+    ///    by its `/proc/PID/fd/N` path) until step 4 lets it through;
     ///    `setpriv --inh-caps -all --bounding-set` the kept capabilities (after the steps that
     ///    need `CAP_SYS_ADMIN`);
     ///    `unshare --root=. --wd=/`, the chroot into the guest's root, which is its namespace's
     ///    root: from here on nothing refers to the host's root;
     ///    then ARGV.
-    /// 4. The second thread waits for the command; then the first thread ends, and its
+    /// 4. The second thread polls until the chain is the gate's shell in a mount namespace of
+    ///    its own (so proc is mounted: `unshare` `exec`s only after mounting it). It then enters
+    ///    that mount namespace itself (`unshare(CLONE_FS)`, `setns`), checks that `/proc` is the
+    ///    new PID namespace's proc, bind-mounts each of `READ_ONLY_PROC` onto itself and
+    ///    remounts the bind read-only (`MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID |
+    ///    MS_NODEV | MS_NOEXEC`, as systemd-nspawn and Docker do), checks that each is
+    ///    read-only, and only then writes `go` into the gate's pipe. If the chain ends before
+    ///    the gate, or any of this fails, the chain is killed at the gate: the command never
+    ///    runs with a writable `/proc/sys`, and `run` fails.
+    ///
+    ///    Why this gate: the proc must be mounted by a process of the new PID namespace, and
+    ///    the only one is the chain; the read-only mounts must come after it and before the
+    ///    command, so the chain has to wait. util-linux `flock --no-fork` would wait, but it
+    ///    passes the lock's descriptor on to the command (`--close` cannot be combined with
+    ///    it), and only 0, 1 and 2 may reach the command. The shell's `cwd` (the guest's
+    ///    root, in another mount namespace) is unreachable from its root (the host's), so the
+    ///    chain's environment holds `PWD` = the guest's root as a host path, which names the
+    ///    same directory: the shell takes it instead of warning that `getcwd` failed.
+    /// 5. The second thread waits for the command; then the first thread ends, and its
     ///    namespaces with it.
     pub fn run(&self) -> Result<ExecOutput, Error> {
         if self.argv.is_empty() {
@@ -226,31 +284,211 @@ impl Exec {
         })
     }
 
-    /// Step 3 of [`run`](Self::run), on a thread of its own whose PID namespace for children
-    /// changes: starts the command in the namespaces of `task` (the thread of step 2) and
-    /// waits for it.
+    /// Steps 3 to 5 of [`run`](Self::run), on a thread of its own whose PID namespace for
+    /// children and, at the gate, mount namespace change: starts the command in the
+    /// namespaces of `task` (the thread of step 2), makes the host's kernel settings under
+    /// its `/proc` read-only, lets it through the gate and waits for it.
     fn launch(&self, root: &Path, launcher: &Launcher, task: Pid) -> Result<ExecOutput, Error> {
-        unshare(CloneFlags::CLONE_NEWPID).map_err(|errno| Error::Namespace {
-            path: root.to_owned(),
-            step: "create the PID namespace",
-            error: errno.into(),
-        })?;
-        let task = PathBuf::from(format!("/proc/{}/task/{task}", std::process::id()));
-        let output = launcher
-            .command(&task, &self.argv, self.capture)
-            .envs(self.env.iter().map(|(name, value)| (name, value)))
+        let failed = |step| {
+            move |errno: Errno| Error::Namespace {
+                path: root.to_owned(),
+                step,
+                error: errno.into(),
+            }
+        };
+        unshare(CloneFlags::CLONE_NEWPID).map_err(failed("create the PID namespace"))?;
+        let (gate_read, gate_write) =
+            pipe2(OFlag::O_CLOEXEC).map_err(failed("make the pipe of the command's gate"))?;
+        let me = std::process::id();
+        let gate = PathBuf::from(format!("/proc/{me}/fd/{}", gate_read.as_raw_fd()));
+        let task = PathBuf::from(format!("/proc/{me}/task/{task}"));
+        let io_error = |error| Error::Io {
+            path: launcher.setpriv.clone(),
+            error,
+        };
+        let mut child = launcher
+            .command(&task, &gate, root, self)
             .spawn()
-            .and_then(std::process::Child::wait_with_output)
-            .map_err(|error| Error::Io {
-                path: launcher.setpriv.clone(),
-                error,
-            })?;
+            .map_err(io_error)?;
+        if let Err(error) = open_gate(root, launcher, &task, &mut child, &gate_write) {
+            // Still held at the gate (or gone): the command never started.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(error);
+        }
+        let output = child.wait_with_output().map_err(io_error);
+        // Open until here: the gate's shell opens the pipe by its path after `go` was
+        // written, maybe.
+        drop((gate_read, gate_write));
+        let output = output?;
         Ok(ExecOutput {
             code: exit_code(output.status),
             stdout: output.stdout,
             stderr: output.stderr,
         })
     }
+}
+
+/// Step 4 of [`Exec::run`], on the thread that started `chain`: waits until the chain is at
+/// its gate, makes the host's kernel settings under its `/proc` read-only, and writes `go`
+/// into the gate's pipe. `task` is the first thread's `/proc` directory.
+///
+/// # Errors
+/// [`Error::Namespace`] if the chain ended before its gate (the launcher failed: its error
+/// is on standard error, or in the message when captured) or the mounts failed; the chain is
+/// then still at the gate, and the caller kills it.
+fn open_gate(
+    root: &Path,
+    launcher: &Launcher,
+    task: &Path,
+    chain: &mut Child,
+    gate: &OwnedFd,
+) -> Result<(), Error> {
+    let failed = |step: &'static str| {
+        move |error: io::Error| Error::Namespace {
+            path: root.to_owned(),
+            step,
+            error,
+        }
+    };
+    let pid = chain.id();
+    let shell = file_id(&launcher.sh).map_err(failed("find the shell of the command's gate"))?;
+    let outside = [Path::new("/proc/thread-self/ns/mnt"), &task.join("ns/mnt")]
+        .map(file_id)
+        .into_iter()
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(failed("identify the mount namespaces"))?;
+    let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+    let mnt_ns = PathBuf::from(format!("/proc/{pid}/ns/mnt"));
+    let mut pause = Duration::from_micros(50);
+    loop {
+        if let Some(status) = chain
+            .try_wait()
+            .map_err(failed("wait for the command's gate"))?
+        {
+            return Err(ended_before_gate(root, chain, status));
+        }
+        let at_gate = file_id(&exe).is_ok_and(|id| id == shell)
+            && file_id(&mnt_ns).is_ok_and(|id| !outside.contains(&id));
+        if at_gate {
+            break;
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(GATE_POLL_MAX);
+    }
+    read_only_proc(root, pid)?;
+    write(gate, b"go\n")
+        .map(drop)
+        .map_err(|errno| failed("open the command's gate")(errno.into()))
+}
+
+/// The error for a chain that ended (`status`) before its gate, with the last line of its
+/// standard error when it was captured.
+fn ended_before_gate(root: &Path, chain: &mut Child, status: ExitStatus) -> Error {
+    let mut stderr = Vec::new();
+    if let Some(mut pipe) = chain.stderr.take() {
+        let _ = io::Read::read_to_end(&mut pipe, &mut stderr);
+    }
+    let stderr = String::from_utf8_lossy(&stderr);
+    let said = stderr
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .map(|line| format!(": {}", line.trim()))
+        .unwrap_or_default();
+    Error::Namespace {
+        path: root.to_owned(),
+        step: "start the command",
+        error: io::Error::other(format!(
+            "the launcher ended with code {} before the command started{said}",
+            exit_code(status)
+        )),
+    }
+}
+
+/// Step 4 of [`Exec::run`]: the calling thread enters the mount namespace of the chain `pid`
+/// (at its gate, with its PID namespace's proc mounted) and makes each of [`READ_ONLY_PROC`]
+/// there a read-only mount. The thread's root and working directory change for good.
+///
+/// # Errors
+/// [`Error::Namespace`] naming the step that failed, or `/proc` not being the chain's proc.
+fn read_only_proc(root: &Path, pid: u32) -> Result<(), Error> {
+    let failed = |step: &'static str| {
+        move |error: io::Error| Error::Namespace {
+            path: root.to_owned(),
+            step,
+            error,
+        }
+    };
+    let errno = |step| move |errno: Errno| failed(step)(errno.into());
+    let mnt_ns = File::open(format!("/proc/{pid}/ns/mnt"))
+        .map_err(failed("open the command's mount namespace"))?;
+    let pid_ns = file_id(Path::new(&format!("/proc/{pid}/ns/pid")))
+        .map_err(failed("identify the command's PID namespace"))?;
+    // `setns` into a mount namespace needs a thread whose root and working directory are its
+    // own.
+    unshare(CloneFlags::CLONE_FS).map_err(errno("unshare the file-system attributes"))?;
+    setns(&mnt_ns, CloneFlags::CLONE_NEWNS)
+        .map_err(errno("enter the command's mount namespace"))?;
+    let proc = open(
+        "/proc",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("open the command's /proc"))?;
+    let is_proc = fstatfs(&proc)
+        .map_err(errno("open the command's /proc"))?
+        .filesystem_type()
+        == PROC_SUPER_MAGIC;
+    fchdir(&proc).map_err(errno("enter the command's /proc"))?;
+    // Its PID 1 is the chain: it is the new PID namespace's proc.
+    if !is_proc || file_id(Path::new("1/ns/pid")).ok() != Some(pid_ns) {
+        return Err(failed("find the command's /proc")(io::Error::other(
+            "/proc is not the proc of the command's PID namespace",
+        )));
+    }
+    let read_only = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC;
+    let step = "make the host's kernel settings under /proc read-only";
+    for name in READ_ONLY_PROC {
+        match fs::symlink_metadata(name) {
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(failed(step)(error)),
+        }
+        let at = |error: Errno| {
+            failed(step)(io::Error::new(
+                io::Error::from(error).kind(),
+                format!("/proc/{name}: {error}"),
+            ))
+        };
+        mount(
+            Some(name),
+            name,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(at)?;
+        mount(None::<&str>, name, None::<&str>, read_only, None::<&str>).map_err(at)?;
+        if !statvfs(name)
+            .map_err(at)?
+            .flags()
+            .contains(FsFlags::ST_RDONLY)
+        {
+            return Err(at(Errno::EROFS));
+        }
+    }
+    Ok(())
+}
+
+/// The device and inode numbers of `path` (symbolic links followed).
+fn file_id(path: &Path) -> io::Result<(u64, u64)> {
+    fs::metadata(path).map(|meta| (meta.dev(), meta.ino()))
 }
 
 /// Step 2 of [`Exec::run`], on the calling thread, whose namespaces and root directory change
@@ -292,28 +530,42 @@ fn enter_guest(root: &Path, hostname: &str) -> Result<Pid, Error> {
     Ok(gettid())
 }
 
-/// The host's programs that start a command, as canonical paths.
+/// The host's programs that start a command, as canonical paths (but the shell).
 struct Launcher {
     /// Ties the command's life to the thread that starts it; bounds its capabilities.
     setpriv: PathBuf,
+    /// Starts a new session, without a controlling terminal.
+    setsid: PathBuf,
     /// Enters the namespaces prepared for the command.
     nsenter: PathBuf,
     /// Mounts proc; enters the root directory.
     unshare: PathBuf,
+    /// Runs the gate ([`GATE_SCRIPT`]); named `sh` (not canonical) so that a `bash` there runs
+    /// in its POSIX mode, without startup files.
+    sh: PathBuf,
 }
 
 impl Launcher {
     fn find() -> Result<Self, Error> {
         Ok(Self {
             setpriv: find_program("setpriv")?,
+            setsid: find_program("setsid")?,
             nsenter: find_program("nsenter")?,
             unshare: find_program("unshare")?,
+            sh: env::split_paths(PATH)
+                .map(|dir| dir.join("sh"))
+                .find(|path| path.is_file())
+                .ok_or(Error::MissingProgram {
+                    program: "sh",
+                    package: "dash",
+                })?,
         })
     }
 
     /// The chain of step 3 of [`Exec::run`] for the namespaces of the thread `task`
-    /// (`/proc/PID/task/TID`), with the command's environment.
-    fn command(&self, task: &Path, argv: &[OsString], capture: bool) -> Command {
+    /// (`/proc/PID/task/TID`), with `gate` the path of the gate's pipe, `root` the guest's
+    /// root (the shell's `PWD`) and `exec`'s command and environment.
+    fn command(&self, task: &Path, gate: &Path, root: &Path, exec: &Exec) -> Command {
         let with = |option: &str, path: PathBuf| {
             let mut arg = OsString::from(option);
             arg.push(path);
@@ -325,6 +577,8 @@ impl Launcher {
         let mut command = Command::new(&self.setpriv);
         command
             .args(["--pdeathsig", "KILL", "--"])
+            .arg(&self.setsid)
+            .arg("--")
             .arg(&self.nsenter)
             .arg(with("--mount=", task.join("ns/mnt")))
             .arg(with("--uts=", task.join("ns/uts")))
@@ -334,13 +588,16 @@ impl Launcher {
             .arg("--")
             .arg(&self.unshare)
             .args(["--propagation=unchanged", "--mount-proc=./proc", "--"])
+            .arg(&self.sh)
+            .args(["-c", GATE_SCRIPT])
+            .arg(gate)
             .arg(&self.setpriv)
             .args(["--inh-caps=-all", "--bounding-set"])
             .arg(bounding_set)
             .arg("--")
             .arg(&self.unshare)
             .args(["--root=.", "--wd=/", "--"])
-            .args(argv)
+            .args(&exec.argv)
             .env_clear()
             .env("PATH", PATH)
             .env("HOME", "/root")
@@ -348,8 +605,11 @@ impl Launcher {
                 PASSED_VARS
                     .iter()
                     .filter_map(|&name| Some((name, env::var_os(name)?))),
-            );
-        if capture {
+            )
+            .envs(exec.env.iter().map(|(name, value)| (name, value)))
+            // For the gate's shell, which takes it away again.
+            .env("PWD", root);
+        if exec.capture {
             command.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
         command
@@ -691,10 +951,82 @@ mod tests {
             .iter()
             .map(|m| (m.mount_point.as_path(), m.fstype.as_str()))
             .collect();
-        // The tree's bind mount as the root (no host `/` below it), and the command's proc.
-        assert_eq!(points.len(), 2, "{points:?}");
+        // The tree's bind mount as the root (no host `/` below it), the command's proc, and
+        // the read-only parts of that proc.
+        let read_only = read_only_proc_points();
+        assert_eq!(points.len(), 2 + read_only.len(), "{points:?}");
         assert_eq!(points[0].0, Path::new("/"), "{points:?}");
         assert_eq!(points[1], (Path::new("/proc"), "proc"), "{points:?}");
+        for (point, expected) in points[2..].iter().zip(&read_only) {
+            assert_eq!(*point, (expected.as_path(), "proc"), "{points:?}");
+        }
+    }
+
+    /// The mount points of [`READ_ONLY_PROC`] inside exec, for the entries the host's kernel
+    /// has.
+    fn read_only_proc_points() -> Vec<PathBuf> {
+        READ_ONLY_PROC
+            .iter()
+            .map(|name| Path::new("/proc").join(name))
+            .filter(|path| fs::symlink_metadata(path).is_ok())
+            .collect()
+    }
+
+    /// The mount points of `pid`'s namespace whose per-mount options make them read-only.
+    fn read_only_mounts(pid: Pid) -> Vec<PathBuf> {
+        let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+        mountinfo
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                let read_only = fields.get(5)?.split(',').any(|option| option == "ro");
+                read_only.then(|| PathBuf::from(fields[4]))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn exec_mounts_the_hosts_kernel_settings_read_only_before_the_command_starts() {
+        let tree = guest_tree();
+        let blocked = Blocked::start(tree.path());
+        let read_only = read_only_mounts(blocked.pid);
+        let out = blocked.release();
+        assert_eq!(out.code, 0);
+        assert!(
+            read_only.contains(&PathBuf::from("/proc/sys")),
+            "{read_only:?}"
+        );
+        assert_eq!(read_only, read_only_proc_points());
+        // From inside, as the command's first act, again and again (no race with the mounts):
+        // a sysctl cannot be opened for writing, whatever its mode says.
+        for _ in 0..10 {
+            let out = run_script(
+                tree.path(),
+                "(true > /proc/sys/kernel/core_pattern) 2>&1 && echo writable || echo refused",
+            );
+            assert!(
+                stdout(&out).ends_with("Read-only file system\nrefused\n"),
+                "{}",
+                stdout(&out)
+            );
+        }
+    }
+
+    #[test]
+    fn exec_runs_the_command_without_a_controlling_terminal_in_a_session_of_its_own() {
+        let tree = guest_tree();
+        // /proc/self/stat: pid (comm) state ppid pgrp session tty_nr …
+        let out = run_script(tree.path(), "cat /proc/self/stat");
+        let stat = stdout(&out);
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        // `cat` is a child of the command (PID 1), which leads its process group and its
+        // session; no controlling terminal (tty_nr 0).
+        assert_eq!(&fields[1..5], ["1", "1", "1", "0"], "{stat}");
     }
 
     #[test]

@@ -158,13 +158,17 @@ upper/ and work/ are empty. Then `cowherd unify GUEST` shares what can be shared
     /// is detached from it: no `..`, chroot or /proc/1/root leads to a host path. The command
     /// gets descriptors 0, 1 and 2 only, and systemd-nspawn's default capabilities less
     /// CAP_SYS_ADMIN, CAP_MKNOD, CAP_DAC_READ_SEARCH and CAP_SYS_BOOT (so no mounting, no new
-    /// device nodes, no open_by_handle_at, no kexec).
+    /// device nodes, no open_by_handle_at, no kexec). /proc/sys, /proc/sysrq-trigger,
+    /// /proc/irq, /proc/bus and /proc/fs are read-only (the host's kernel settings). It runs in
+    /// a new session without a controlling terminal, so it cannot push input into the
+    /// caller's terminal (TIOCSTI); its standard input, output and error are still the
+    /// caller's, but Ctrl-C and Ctrl-Z reach cowherd, not the command (Ctrl-C kills both;
+    /// a shell inside has no job control).
     #[command(after_help = "Example: cowherd exec web01 -- apt-get update\n\n\
 Still not a security boundary: there is no user namespace, so uid 0 inside is uid 0 on the \
-host's kernel. It can write /proc/sys (kernel.core_pattern names a program the kernel then runs \
-as root on the host) and /proc/sysrq-trigger, and open any device node the guest tree holds; it \
-is in the host's network and on the caller's terminal, with no seccomp filter. Run only what \
-you would run as root on the host. See SECURITY.md.")]
+host's kernel. It can open any device node the guest tree holds; it is in the host's network, \
+can write to the caller's terminal, and has no seccomp filter. Run only what you would run as \
+root on the host. See SECURITY.md.")]
     Exec {
         /// The guest.
         guest: String,
