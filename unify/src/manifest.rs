@@ -900,7 +900,15 @@ fn walk(top: BorrowedFd<'_>, top_path: &Path, visit: &mut Visit<'_>) -> Result<(
     }
     let st = nix::sys::stat::fstat(top).at(top_path)?;
     let xattrs = fsx::xattrs_at(top, b".").at(top_path)?;
-    if !visit(b"", top, b".", &Stat::from(st), st.st_rdev, &xattrs, Vec::new())? {
+    if !visit(
+        b"",
+        top,
+        b".",
+        &Stat::from(st),
+        st.st_rdev,
+        &xattrs,
+        Vec::new(),
+    )? {
         return Ok(());
     }
     let dev = st.st_dev;
