@@ -25,6 +25,8 @@ use crate::store::{self, TEMP_PREFIX};
 ///   of a store object, never guest data. Object rows are committed before any replacement;
 ///   then the directory's mtime is set back to the journalled one.
 /// * Objects whose immutable flag was cleared for linking get it back.
+/// * An object `verify --repair` renamed to its new key (a `rekey` journal row) gets its index
+///   row renamed too, if the kill came between the two ([`rename_object_row`]).
 /// * `store/tmp` is emptied (unfinished copies, never linked anywhere).
 ///
 /// # Errors
@@ -34,6 +36,7 @@ pub(crate) fn recover(root: &HostRoot) -> Result<()> {
     crate::guest::recover_destroys(root)?;
     crate::create::recover_template_builds(root)?;
     crate::guest::apply_flag_journal(root, None)?;
+    finish_rekeys(root)?;
     let idx = &root.index;
     let rows: Vec<(i64, Option<i64>, Vec<u8>, i64)> = {
         let mut stmt = idx
@@ -68,6 +71,113 @@ pub(crate) fn recover(root: &HostRoot) -> Result<()> {
             entry.file_name().as_os_str(),
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
+    }
+    Ok(())
+}
+
+/// The journal's op for a store object being renamed to a new key (`verify --repair`); its
+/// path is `OLD/NEW` (object names hold no `/`).
+const REKEY: &str = "rekey";
+
+/// Journals (committed) that store object `old` is about to be renamed to `new`; returns the
+/// journal row, to delete once the object's index row is renamed too.
+///
+/// # Errors
+/// Index errors.
+pub(crate) fn journal_rekey(root: &HostRoot, old: &str, new: &str) -> Result<i64> {
+    let idx = &root.index;
+    idx.exec(
+        "INSERT INTO journal(op, path) VALUES (?1, ?2)",
+        rusqlite::params![REKEY, format!("{old}/{new}").as_bytes()],
+    )?;
+    Ok(idx.conn.last_insert_rowid())
+}
+
+/// Gives the index row of store object `old`, renamed to `new` in the store, that name and the
+/// file's stat, in one transaction; a row left for `new` by an object gone since makes way (the
+/// guests' rows that named it are cleared: the next unify rescans them). Returns whether a row
+/// names the object now: `false` if `old` had none (the caller records it), or if the rename
+/// did not happen (`old` still there, or `new` missing: nothing is changed).
+///
+/// # Errors
+/// Index errors.
+pub(crate) fn rename_object_row(root: &HostRoot, old: &str, new: &str) -> Result<bool> {
+    let at = |name: &str| fsx::lstat_at(root.objects_fd(), store::object_rel(name).as_bytes());
+    let (Err(_), Ok(st)) = (at(old), at(new)) else {
+        return Ok(false);
+    };
+    let Some((_, _, seq)) = store::parse_object_name(new) else {
+        return Ok(false);
+    };
+    let idx = &root.index;
+    let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
+    let row = |name: &str| -> Result<Option<(i64, i64)>> {
+        idx.conn
+            .query_row("SELECT id, ino FROM objects WHERE name = ?1", [name], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(|e| idx.err(e))
+    };
+    let (old_row, new_row) = (row(old)?, row(new)?);
+    if old_row.is_none() && new_row.is_some_and(|(_, ino)| ino as u64 == st.ino) {
+        // Renamed already.
+        return Ok(true);
+    }
+    if let Some((leftover, _)) = new_row {
+        idx.exec(
+            "UPDATE files SET object_id = NULL WHERE object_id = ?1",
+            [leftover],
+        )?;
+        idx.exec("DELETE FROM objects WHERE id = ?1", [leftover])?;
+    }
+    let Some((id, _)) = old_row else {
+        tx.commit().map_err(|e| idx.err(e))?;
+        return Ok(false);
+    };
+    idx.exec(
+        "UPDATE objects SET name = ?2, seq = ?3, size = ?4, mode = ?5, uid = ?6, gid = ?7,
+                            mtime_ns = ?8, blocks = ?9, ino = ?10
+         WHERE id = ?1",
+        rusqlite::params![
+            id,
+            new,
+            seq,
+            st.size as i64,
+            st.mode,
+            st.uid,
+            st.gid,
+            st.mtime_ns,
+            st.blocks as i64,
+            st.ino as i64
+        ],
+    )?;
+    tx.commit().map_err(|e| idx.err(e))?;
+    Ok(true)
+}
+
+/// Finishes the renames of store objects that a killed `verify --repair` journalled: the row
+/// of each object renamed follows it; an object not renamed yet keeps its name (and the next
+/// `verify --repair` files it again).
+fn finish_rekeys(root: &HostRoot) -> Result<()> {
+    let idx = &root.index;
+    let rows: Vec<(i64, Vec<u8>)> = {
+        let mut stmt = idx
+            .conn
+            .prepare("SELECT id, path FROM journal WHERE op = ?1")
+            .map_err(|e| idx.err(e))?;
+        stmt.query_map([REKEY], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| idx.err(e))?
+    };
+    for (id, path) in rows {
+        let names = std::str::from_utf8(&path)
+            .ok()
+            .and_then(|p| p.split_once('/'));
+        if let Some((old, new)) = names {
+            rename_object_row(root, old, new)?;
+        }
+        idx.exec("DELETE FROM journal WHERE id = ?1", [id])?;
     }
     Ok(())
 }
