@@ -124,11 +124,15 @@ impl Round<'_> {
         );
         if let Some(delay) = delay {
             // Sleep in small steps, so that a run ending early is noticed (and timed).
-            while started.elapsed() < delay && child.0.try_wait().unwrap().is_none() {
+            let mut exited = false;
+            while !exited && started.elapsed() < delay {
+                exited = child.0.try_wait().unwrap().is_some();
                 sleep(Duration::from_millis(1).min(delay.saturating_sub(started.elapsed())));
             }
-            // ESRCH only if it ended in the meantime (it is not reaped yet: the pid is its).
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            if !exited {
+                // Not reaped yet, so the pid is still its: ESRCH only if it ended meanwhile.
+                let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            }
         }
         let status = child.0.wait().unwrap();
         let took = started.elapsed();
@@ -196,7 +200,7 @@ fn kill_loop(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     fs::create_dir_all(logs).unwrap();
     let mut aim = Aim {
-        what: format!("`cowherd {what}` kill loop"),
+        what: format!("`cowherd {what}`"),
         seed_var: seed_var.to_string(),
         seed,
         root: root.to_path_buf(),
@@ -432,7 +436,7 @@ fn assert_store_sound(root: &Path, at: &str) {
     );
 }
 
-/// The regular files below `dir` (recursive), as paths relative to `base`.
+/// The regular files below the guest-absolute `dir` of the tree at `base` (recursive).
 fn files_below(base: &Path, dir: &str) -> Vec<PathBuf> {
     files_under(&base.join(dir.trim_start_matches('/')))
 }

@@ -9,7 +9,7 @@ use rusqlite::OptionalExtension;
 
 use crate::error::{PathContext, Result};
 use crate::fsx;
-use crate::guest::recover_adoptions;
+use crate::guest::{DESTROYING, recover_adoptions};
 use crate::root::HostRoot;
 use crate::store::{self, TEMP_PREFIX};
 
@@ -17,7 +17,8 @@ use crate::store::{self, TEMP_PREFIX};
 ///
 /// # Algorithm
 /// * `guests/.NAME.adopting` with a `base` is renamed to `guests/NAME`, without one removed;
-///   `guests/.NAME.destroying`, `guests/.NAME.creating`, `templates/*/.building` and
+///   `guests/.NAME.destroying` (with the index rows of guest NAME, if a kill came before
+///   `destroy` dropped them), `guests/.NAME.creating`, `templates/*/.building` and
 ///   `templates/*/.removing.*` are removed, with the index rows of template trees that are
 ///   gone; the `chattr` flags a fold journalled are set.
 /// * Each journalled directory is listed; every `.cowherd~…` entry whose inode is a store
@@ -33,6 +34,7 @@ use crate::store::{self, TEMP_PREFIX};
 /// Index errors and I/O errors other than "gone".
 pub(crate) fn recover(root: &HostRoot) -> Result<()> {
     recover_adoptions(root)?;
+    forget_destroyed(root)?;
     crate::guest::recover_destroys(root)?;
     crate::create::recover_template_builds(root)?;
     crate::guest::apply_flag_journal(root, None)?;
@@ -71,6 +73,44 @@ pub(crate) fn recover(root: &HostRoot) -> Result<()> {
             entry.file_name().as_os_str(),
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
+    }
+    Ok(())
+}
+
+/// Drops the index rows of each guest a killed `destroy` renamed for removal
+/// (`guests/.NAME.destroying`), as `destroy` does right after the rename: its files,
+/// directories, journal rows and name. Left alone if a guest NAME exists again.
+///
+/// # Errors
+/// Index errors, and an unreadable `guests/`.
+fn forget_destroyed(root: &HostRoot) -> Result<()> {
+    let dir = root.guests_dir();
+    for entry in std::fs::read_dir(&dir).at(&dir)? {
+        let entry = entry.at(&dir)?.file_name();
+        let Some(name) = entry
+            .to_str()
+            .and_then(|n| n.strip_prefix('.'))
+            .and_then(|n| n.strip_suffix(DESTROYING))
+        else {
+            continue;
+        };
+        if std::fs::symlink_metadata(dir.join(name)).is_ok() {
+            continue;
+        }
+        let idx = &root.index;
+        let id: Option<i64> = idx
+            .conn
+            .query_row("SELECT id FROM guests WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| idx.err(e))?;
+        let Some(id) = id else { continue };
+        let tx = idx.conn.unchecked_transaction().map_err(|e| idx.err(e))?;
+        idx.drop_rows(id)?;
+        idx.exec("DELETE FROM journal WHERE guest_id = ?1", [id])?;
+        idx.exec("DELETE FROM guests WHERE id = ?1", [id])?;
+        tx.commit().map_err(|e| idx.err(e))?;
     }
     Ok(())
 }
