@@ -1276,3 +1276,118 @@ fn a_killed_build_count_leaves_whole_guests_or_none_and_the_next_build_finishes(
         },
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The kill windows the loops found, made on purpose
+// ---------------------------------------------------------------------------------------------
+
+/// `SQL` run on the root's index (no cowherd running).
+fn index_sql(root: &Path, sql: &str, params: impl rusqlite::Params) {
+    let db = rusqlite::Connection::open(root.join("index.db")).unwrap();
+    db.execute(sql, params).unwrap();
+}
+
+#[test]
+fn a_destroy_killed_after_its_rename_leaves_no_index_rows_after_the_next_writer() {
+    assert_root();
+    let s = Scratch::new("kill-destroy-rows");
+    let root = fleet(&s, &["a", "b"], 4, 10);
+    // What a destroy killed right after its rename leaves: the guest under its doomed name,
+    // its rows still in the index.
+    fs::rename(root.join("guests/a"), root.join("guests/.a.destroying")).unwrap();
+    cowherd(&root)
+        .args(["gc", "--dry-run", "--quiet"])
+        .assert()
+        .success();
+    assert!(!root.join("guests/.a.destroying").exists());
+    assert_eq!(indexed_guests(&root), BTreeSet::from(["b".to_string()]));
+    let stats = stats_summary(&root);
+    assert_eq!(
+        stats["total"]["files"], stats["guests"][0]["files"],
+        "{stats:#}"
+    );
+    assert_store_sound(
+        &root,
+        "the next writer after a destroy killed after its rename",
+    );
+}
+
+#[test]
+fn a_verify_repair_killed_between_renaming_an_object_and_its_row_is_finished_by_the_next_writer() {
+    assert_root();
+    let s = Scratch::new("kill-rekey-row");
+    let root = fleet(&s, &["a", "b"], 4, 10);
+    let object = store_objects(&root)
+        .into_iter()
+        .find(|o| o.marker == 'c')
+        .unwrap();
+    let old = object
+        .path
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    set_mtime(&object.path, (1_650_000_000, 0));
+    let want = views(&root, &["a", "b"]);
+    cowherd(&root)
+        .args(["verify", "--repair", "--quiet"])
+        .assert()
+        .success();
+    let new = store_inodes(&root)[&object.dev_ino]
+        .path
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new, old);
+    // What a repair killed between the rename and the row's new name leaves: the object under
+    // its new name, its row under the old one, the pair journalled.
+    index_sql(
+        &root,
+        "UPDATE objects SET name = ?1 WHERE name = ?2",
+        [&old, &new],
+    );
+    index_sql(
+        &root,
+        "INSERT INTO journal(op, path) VALUES ('rekey', ?1)",
+        [format!("{old}/{new}").into_bytes()],
+    );
+    cowherd(&root)
+        .args(["gc", "--dry-run", "--quiet"])
+        .assert()
+        .success();
+    assert_store_sound(
+        &root,
+        "the next writer after a repair killed after a rename",
+    );
+    assert_guests(&root, &want, true, "the next writer");
+
+    // Killed before the rename: the object keeps its name, the next repair files it.
+    let object = store_objects(&root)
+        .into_iter()
+        .find(|o| o.marker == 'c' && o.dev_ino != object.dev_ino)
+        .unwrap();
+    let old = object
+        .path
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    set_mtime(&object.path, (1_650_000_001, 0));
+    let want = views(&root, &["a", "b"]);
+    index_sql(
+        &root,
+        "INSERT INTO journal(op, path) VALUES ('rekey', ?1)",
+        [format!("{old}/{old}9").into_bytes()],
+    );
+    cowherd(&root)
+        .args(["verify", "--repair", "--quiet"])
+        .assert()
+        .success();
+    assert!(!object.path.exists());
+    assert_store_sound(&root, "a repair after one killed before its rename");
+    assert_guests(&root, &want, true, "the repair");
+}
