@@ -1391,3 +1391,24 @@ fn a_verify_repair_killed_between_renaming_an_object_and_its_row_is_finished_by_
     assert_store_sound(&root, "a repair after one killed before its rename");
     assert_guests(&root, &want, true, "the repair");
 }
+
+#[test]
+fn a_split_killed_after_its_rename_is_finished_by_the_next_split() {
+    assert_root();
+    let s = Scratch::new("kill-split-row");
+    let root = fleet(&s, &["a", "b"], 4, 10);
+    let want = views(&root, &["a", "b"]);
+    let path = base(&root, "a").join("usr/lib/pkg01/f003");
+    // What a split killed between its rename and dropping the path's index row leaves: a
+    // private copy in place, the row still naming the store object.
+    rewrite_as_new_inode(&path);
+    let out = run_to_end(
+        &root,
+        &["split", "a", "/usr/lib/pkg01/f003"],
+        &[0],
+        "a split killed after its rename",
+    );
+    assert!(nlink(&path) == 1, "{out:?}");
+    assert_guests(&root, &want, true, "the next split");
+    assert_store_sound(&root, "the split after one killed after its rename");
+}
