@@ -374,7 +374,8 @@ fn repair(root: &HostRoot, name: &str, fault: &Fault) -> Result<Option<String>> 
 }
 
 /// Files object `name`, whose content or metadata changed in place, under the key of what it
-/// holds now (`parts`): renamed to the first free `<key>.<kind><seq>` and its row updated.
+/// holds now (`parts`): renamed to the first free `<key>.<kind><seq>` and its row updated (the
+/// pair journalled as a `rekey`, which the next writer finishes if this run is killed).
 fn rekey(root: &HostRoot, name: &str, parts: &KeyParts, st: &Stat) -> Result<String> {
     let (_, kind, _) = store::parse_object_name(name).expect("checked before");
     let idx = &root.index;
@@ -413,39 +414,22 @@ fn rekey(root: &HostRoot, name: &str, parts: &KeyParts, st: &Stat) -> Result<Str
         Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
         Err(e) => return Err(e).at(root.objects_dir().join(&new_name[..2])),
     }
-    nix::fcntl::renameat2(
+    // The rename and the row's new name are one change: journalled (committed) first, so that
+    // the next writer's recovery renames the row if this run is killed between the two.
+    let journalled = crate::recover::journal_rekey(root, name, &new_name)?;
+    let renamed = nix::fcntl::renameat2(
         root.objects_fd(),
         store::object_rel(name).as_str(),
         root.objects_fd(),
         new_rel.as_str(),
         RenameFlags::RENAME_NOREPLACE,
     )
-    .at(root.objects_dir().join(&new_rel))?;
-    // A row left for the new name by an object gone since (a killed run) makes way.
-    idx.exec(
-        "UPDATE files SET object_id = NULL
-         WHERE object_id = (SELECT id FROM objects WHERE name = ?1)",
-        [&new_name],
-    )?;
-    idx.exec("DELETE FROM objects WHERE name = ?1", [&new_name])?;
-    let updated = idx.exec(
-        "UPDATE objects SET name = ?2, seq = ?3, size = ?4, mode = ?5, uid = ?6, gid = ?7,
-                            mtime_ns = ?8, blocks = ?9, ino = ?10
-         WHERE name = ?1",
-        rusqlite::params![
-            name,
-            new_name,
-            seq,
-            st.size as i64,
-            st.mode,
-            st.uid,
-            st.gid,
-            st.mtime_ns,
-            st.blocks as i64,
-            st.ino as i64
-        ],
-    )?;
-    if updated == 0 {
+    .at(root.objects_dir().join(&new_rel));
+    if renamed.is_err() {
+        idx.exec("DELETE FROM journal WHERE id = ?1", [journalled])?;
+    }
+    renamed?;
+    if !crate::recover::rename_object_row(root, name, &new_name)? {
         let spec = ObjectSpec {
             parts: &parts,
             kind,
@@ -453,6 +437,7 @@ fn rekey(root: &HostRoot, name: &str, parts: &KeyParts, st: &Stat) -> Result<Str
         };
         store::record_object(root, &spec, &new_name, seq, st)?;
     }
+    idx.exec("DELETE FROM journal WHERE id = ?1", [journalled])?;
     if kind == Marker::Immutable {
         store::set_object_immutable(root, &new_name, true)?;
     }
