@@ -346,10 +346,12 @@ impl Splitter<'_> {
         }
         let dir = open_guest_dir(self.base, self.base_path, rel)?;
         let mut files = Vec::new();
+        let mut single = Vec::new();
         let _ = fsx::walk_tree(dir.as_fd(), &mut |visit| {
             match visit {
                 Visit::File(sub, st) if st.nlink > 1 => files.push((sub.to_vec(), st)),
-                Visit::File(..) | Visit::Dir(_) | Visit::DirEnd(_) => {}
+                Visit::File(sub, st) => single.push((sub.to_vec(), st)),
+                Visit::Dir(_) | Visit::DirEnd(_) => {}
                 Visit::Error {
                     rel: sub, error, ..
                 } => {
@@ -361,6 +363,16 @@ impl Splitter<'_> {
             }
             ControlFlow::Continue(())
         });
+        // A file a killed split already copied has one link, and maybe a row that still
+        // names the object.
+        for (sub, st) in single {
+            let mut full = rel.to_vec();
+            full.push(b'/');
+            full.extend_from_slice(&sub);
+            if let Err(e) = self.forget_stale_link(&full, &st) {
+                self.fail(&full, e);
+            }
+        }
         files.sort_by(|a, b| a.0.cmp(&b.0));
         for (sub, st) in files {
             let mut full = rel.to_vec();
@@ -384,9 +396,37 @@ impl Splitter<'_> {
                     self.fail(rel, e);
                 }
             }
-            Ok(None) => self.report.already_private.push(guest_abs(rel)),
+            Ok(None) => {
+                // A split killed after its rename left the row naming the object: it is the
+                // copy's now.
+                if let Err(e) = self.forget_stale_link(rel, st) {
+                    self.fail(rel, e);
+                }
+                self.report.already_private.push(guest_abs(rel));
+            }
             Err(e) => self.fail(rel, e),
         }
+    }
+
+    /// Records `rel` (inode `st`, no store link) as private if its row still names an object.
+    fn forget_stale_link(&self, rel: &[u8], st: &Stat) -> Result<()> {
+        let idx = &self.root.index;
+        let (dir, name) = crate::index::split_path(rel);
+        let linked: Option<Option<i64>> = idx
+            .conn
+            .prepare_cached(&format!(
+                "SELECT object_id FROM files WHERE {}",
+                crate::index::AT_PATH
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_row(params![self.guest_id, dir, name], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(|e| idx.err(e))?;
+        if linked.flatten().is_some() {
+            self.record_private(rel, st)?;
+        }
+        Ok(())
     }
 
     /// The paths of this guest that were one inode with `rel` before unify linked them
