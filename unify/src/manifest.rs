@@ -626,9 +626,18 @@ pub fn discard_guest_changes(
     if changes.iter().any(|c| c.layer == Layer::Upper) {
         let guest = fsx::open_dir(guest_dir)?;
         let dest_fd = fsx::open_dir(&dest)?;
-        nix::fcntl::renameat(&guest, "upper", &dest_fd, "upper").at(guest_dir.join("upper"))?;
-        nix::sys::stat::mkdirat(&guest, "upper", Mode::from_bits_truncate(0o755))
-            .at(guest_dir.join("upper"))?;
+        // An empty upper is made aside and exchanged with the guest's in one step: the guest
+        // always has an upper layer, the old one is always somewhere.
+        nix::sys::stat::mkdirat(&dest_fd, "upper", Mode::from_bits_truncate(0o755))
+            .at(dest.join("upper"))?;
+        nix::fcntl::renameat2(
+            &guest,
+            "upper",
+            &dest_fd,
+            "upper",
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .at(guest_dir.join("upper"))?;
         // The overlay's scratch of the old upper.
         let work = guest_dir.join("work");
         if let Ok(work_fd) = fsx::open_dir(&work) {
