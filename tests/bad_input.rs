@@ -15,8 +15,6 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nix::mount::MsFlags;
-
 use common::*;
 
 /// One case: the arguments after `--root`, the exit code, the texts the error line holds.
@@ -154,20 +152,6 @@ fn a_missing_guest_is_named_with_where_to_look() {
     ];
     let f = Fixture::new("bad-guest");
     f.run_table(&f.root, ROWS);
-}
-
-/// Moves this test's thread and the processes it starts into a mount namespace of its own
-/// (private propagation), so that no other test's `unshare -m` pins its overlays.
-fn own_mount_namespace() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("mount --make-rprivate /");
 }
 
 #[test]

@@ -17,7 +17,6 @@ use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use nix::mount::{MntFlags, MsFlags};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::{Mode, SFlag};
 use nix::unistd::Pid;
@@ -30,81 +29,6 @@ use common::*;
 // ---------------------------------------------------------------------------------------------
 // The merged view, and mounting guests
 // ---------------------------------------------------------------------------------------------
-
-/// Moves this test's thread — and the cowherd processes it starts — into a mount namespace of
-/// its own with private propagation. Its overlays are then seen by no other process: other
-/// tests of the host that copy the mount table (`unshare -m`) cannot pin them (`cowherd umount`
-/// would refuse: "in use by … mount namespace"), and theirs cannot pin this test's guests.
-/// Read mount tables as `/proc/thread-self/…` here, never `/proc/self/…`.
-fn own_mount_namespace() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("mount --make-rprivate /");
-}
-
-/// A mount at `point` that is detached (`umount -l`) on drop unless it was unmounted already:
-/// a panic never leaves it behind.
-struct ViewMount {
-    point: PathBuf,
-    mounted: bool,
-}
-
-impl Drop for ViewMount {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = nix::mount::umount2(&self.point, MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-/// The merged view of the unmounted guest `name`, measured by the kernel: a read-only overlay
-/// with both layers as lower layers (upper on top, so its whiteouts and opaque directories are
-/// honoured and nothing is written), mounted at `<root>/../view-NAME` — outside the guest's
-/// directory — for as long as [`manifest`] reads it.
-fn merged_manifest(root: &Path, name: &str) -> Manifest {
-    let guest = root.join("guests").join(name);
-    let point = root.with_file_name(format!("view-{name}"));
-    fs::create_dir_all(&point).unwrap();
-    let data = format!(
-        "lowerdir={}:{}",
-        guest.join("upper").display(),
-        guest.join("base").display()
-    );
-    let mut view = ViewMount {
-        point: point.clone(),
-        mounted: false,
-    };
-    nix::mount::mount(
-        Some("overlay"),
-        &point,
-        Some("overlay"),
-        MsFlags::MS_RDONLY,
-        Some(data.as_str()),
-    )
-    .unwrap_or_else(|e| panic!("mount the merged view of {name} ({data}): {e}"));
-    view.mounted = true;
-    let seen = manifest(&point);
-    // EBUSY for a moment if another test's thread forked while manifest() held an fd in here
-    // (the child keeps it until its exec).
-    let mut tries = 0;
-    while let Err(e) = nix::mount::umount2(&point, MntFlags::empty()) {
-        tries += 1;
-        assert!(
-            e == nix::errno::Errno::EBUSY && tries < 200,
-            "umount {}: {e}",
-            point.display()
-        );
-        sleep(Duration::from_millis(5));
-    }
-    view.mounted = false;
-    seen
-}
 
 /// `cowherd mount NAME`, asserting success and `list --json` saying so; the mount point is
 /// watched by `mounts`, so that it is unmounted even if the test panics. Returns the rootfs.

@@ -12,11 +12,8 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use nix::mount::{MntFlags, MsFlags};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 use serde_json::Value;
@@ -407,74 +404,6 @@ fn model(base: &Manifest, upper: &Manifest) -> Manifest {
 // The kernel's view, and cowherd's fold
 // ---------------------------------------------------------------------------------------------
 
-/// Moves this test's thread — and the cowherd processes it starts — into a mount namespace of
-/// its own with private propagation (as tests/fold.rs does): no other test's `unshare -m` can
-/// copy, and so pin, the read-only views mounted here.
-fn own_mount_namespace() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("mount --make-rprivate /");
-}
-
-/// A mount detached on drop unless unmounted already.
-struct ViewMount {
-    point: PathBuf,
-    mounted: bool,
-}
-
-impl Drop for ViewMount {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = nix::mount::umount2(&self.point, MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-/// The merged view of the unmounted guest `name` as the kernel shows it: a read-only overlay
-/// with upper above base as two lower layers (whiteouts and opaque directories honoured,
-/// nothing written), at `<root>/../view-NAME`.
-fn kernel_view(root: &Path, name: &str) -> Manifest {
-    let guest = root.join("guests").join(name);
-    let point = root.with_file_name(format!("view-{name}"));
-    fs::create_dir_all(&point).unwrap();
-    let data = format!(
-        "lowerdir={}:{}",
-        guest.join("upper").display(),
-        guest.join("base").display()
-    );
-    let mut view = ViewMount {
-        point: point.clone(),
-        mounted: false,
-    };
-    nix::mount::mount(
-        Some("overlay"),
-        &point,
-        Some("overlay"),
-        MsFlags::MS_RDONLY,
-        Some(data.as_str()),
-    )
-    .unwrap_or_else(|e| panic!("mount the merged view of {name} ({data}): {e}"));
-    view.mounted = true;
-    let seen = manifest(&point);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while let Err(e) = nix::mount::umount2(&point, MntFlags::empty()) {
-        assert!(
-            e == nix::errno::Errno::EBUSY && Instant::now() < deadline,
-            "umount {}: {e}",
-            point.display()
-        );
-        sleep(Duration::from_millis(5));
-    }
-    view.mounted = false;
-    seen
-}
-
 /// The differences between `want` and `got`, directory mtimes included; empty if none.
 fn differences(want: &Manifest, got: &Manifest) -> Vec<String> {
     let opts = CompareOpts {
@@ -517,7 +446,7 @@ fn run_case(s: &Scratch, root: &Path, n: usize, case: &Case) -> Result<(), TestC
     check(
         "the model against the kernel's merged view",
         &want,
-        &kernel_view(root, &name),
+        &merged_manifest(root, &name),
     )?;
 
     let out = cowherd(root)
@@ -546,7 +475,7 @@ fn run_case(s: &Scratch, root: &Path, n: usize, case: &Case) -> Result<(), TestC
     check(
         "the merged view after fold",
         &want,
-        &kernel_view(root, &name),
+        &merged_manifest(root, &name),
     )?;
     Ok(())
 }

@@ -28,21 +28,6 @@ use common::*;
 // A small filesystem of the test's own
 // ---------------------------------------------------------------------------------------------
 
-/// Moves this test's thread — and the processes it starts — into a mount namespace of its own
-/// with private propagation: its mounts are seen by no other test, and no other test's
-/// `unshare -m` copies (and pins) them.
-fn own_mount_namespace() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("mount --make-rprivate /");
-}
-
 /// An ext4 filesystem in an image file of the test's scratch directory (`mkfs.ext4 -m 0`: no
 /// blocks kept for root, so root — cowherd — meets ENOSPC when it is full), loop-mounted at
 /// `<scratch>/mnt` with `errors=remount-ro`. Unmounted on drop, also on panic (`mount -o loop`

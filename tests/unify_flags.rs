@@ -10,7 +10,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use nix::mount::MsFlags;
 use serde_json::Value;
 
 use common::*;
@@ -335,20 +334,6 @@ fn a_flagged_file_hashed_by_an_index_without_flags_is_read_again_and_skipped() {
     let (code, report, stderr) = unify_json(&root, &["--all"]);
     assert_eq!(code, Some(0), "next unify --all: {stderr}\n{report:#}");
     assert_eq!(skipped_flagged(&report), vec![], "{report:#}");
-}
-
-/// Moves this test's thread — and the cowherd processes it starts — into a mount namespace of
-/// its own with private propagation, so its overlays are seen by no other test.
-fn own_mount_namespace() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("mount --make-rprivate /");
 }
 
 /// Regression (defect 7, the real path): a guest runs `chattr +i` / `+a` inside its overlay
