@@ -15,7 +15,7 @@ use crate::{EXIT_PARTIAL, Select};
 
 /// Runs `f` for each guest. One named guest: its error is the command's error (exit 1). Several:
 /// each failure is reported on stderr and the others go on; the exit code says so (3).
-fn each_guest<T>(
+pub(crate) fn each_guest<T>(
     names: &[String],
     mut f: impl FnMut(&str) -> Result<T>,
 ) -> Result<(Vec<(String, T)>, u8)> {

@@ -6,6 +6,7 @@ mod out;
 mod demo;
 mod fmt;
 mod lifecycle;
+mod snapshots;
 mod templates;
 
 use std::path::{Path, PathBuf};
@@ -176,6 +177,12 @@ root on the host. See SECURITY.md.")]
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
     },
+    /// Keep a stopped guest's tree (folded first) as a read-only snapshot made of links;
+    /// list and remove snapshots.
+    Snapshot(snapshots::SnapshotArgs),
+    /// Make a stopped guest's tree exactly a snapshot's again (default: the newest), keeping
+    /// the tree it replaces as a new snapshot.
+    Rollback(snapshots::RollbackArgs),
     /// Distro templates: list, show, build into the cache, rebuild, remove, check a file.
     Template {
         #[command(subcommand)]
@@ -640,6 +647,17 @@ fn run(cli: Cli) -> Result<u8> {
                 Ok(EXIT_EXEC_FAILED)
             })
         }
+        Command::Snapshot(args) => {
+            let access = if args.writes() {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            snapshots::snapshot(&open(&cli.root, access)?, args)
+        }
+        Command::Rollback(args) => {
+            snapshots::rollback(&open(&cli.root, Access::Write)?, args, &bars)
+        }
         Command::Template { command } => {
             let access = if command.writes() {
                 Access::Write
@@ -1048,6 +1066,13 @@ fn print_stats(s: &cowherd_unify::Stats) {
         fmt::bytes(t.index_bytes),
         t.index_bytes / t.files.max(1),
     );
+    if t.snapshots > 0 {
+        outln!(
+            "snapshots: {}, holding {} that no guest links (not counted above)",
+            t.snapshots,
+            fmt::bytes(t.snapshot_bytes)
+        );
+    }
     print_objects(
         ["LINKS", "SIZE", "SAVED"],
         s.top.iter().map(|o| {

@@ -29,6 +29,11 @@ pub enum CloneMode {
     /// Every file is copied (a tree that will be changed in place, like a template being built
     /// on another).
     CopyAll,
+    /// Every file is a new link to the source's inode (a snapshot of a guest, a rollback to
+    /// one): the trees share every inode, and neither is ever changed in place. A file that
+    /// cannot be linked — it carries the guest's own immutable or append-only flag, or its
+    /// inode is at the link limit — is copied, its inode flags with it.
+    LinkAll,
 }
 
 /// What a clone did.
@@ -42,6 +47,14 @@ pub struct CloneReport {
     pub copied: u64,
     /// Bytes copied (the bytes the new tree costs, besides directories and inodes).
     pub copied_bytes: u64,
+    /// Of the linked files ([`CloneMode::LinkAll`]), those whose inode is the guest's own (not
+    /// a store object).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub linked_own: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A directory tree below the root, edited fd-relatively (no symlink in it is ever followed):
@@ -337,8 +350,10 @@ pub fn rename_below_root(root: &HostRoot, from: &Path, to: &Path) -> Result<()> 
 /// Depth first, fd-relative on both sides (no symlink followed, no mount crossed). A regular
 /// file whose inode is a store object is linked to it (an immutable object's flag is cleared
 /// for that, journalled, and set again); past the link limit, or in [`CloneMode::CopyAll`], it
-/// is copied (holes kept). A directory gets its metadata after its entries, so its mtime is
-/// the source's.
+/// is copied (holes kept). In [`CloneMode::LinkAll`] every regular file is linked to its
+/// source inode; one that carries the guest's immutable or append-only flag (no link can be
+/// made to it) is copied, and its copy gets the source's flags once the whole tree is done. A
+/// directory gets its metadata after its entries, so its mtime is the source's.
 ///
 /// # Errors
 /// I/O and index errors, naming the path.
@@ -356,10 +371,12 @@ pub fn clone_tree(
         src_path: root.path().join(src),
         dest_path: dest.path.clone(),
         inodes: HashMap::new(),
+        flagged: Vec::new(),
         report: CloneReport::default(),
     };
     let result = cloner
         .dir(from.as_fd(), dest.fd.as_fd(), &mut Vec::new())
+        .and_then(|()| cloner.set_copied_flags())
         .and_then(|()| {
             let st = fsx::fstat(&from).at(&cloner.src_path)?;
             let xattrs = fsx::xattrs_at(from.as_fd(), b".").at(&cloner.src_path)?;
@@ -516,6 +533,9 @@ struct Cloner<'a> {
     dest_path: PathBuf,
     /// Source inodes with several links, to the first path they were cloned to.
     inodes: HashMap<u64, Vec<u8>>,
+    /// Copies that get the source's inode flags once the whole tree is cloned (a flag such as
+    /// `+i` would stop the other paths of its hardlink group being linked to the copy).
+    flagged: Vec<(Vec<u8>, libc::c_long)>,
     report: CloneReport,
 }
 
@@ -631,7 +651,7 @@ impl Cloner<'_> {
     ) -> Result<()> {
         self.report.files += 1;
         let dest_shown = fsx::join(&self.dest_path, rel);
-        if self.mode == CloneMode::LinkObjects
+        if self.mode != CloneMode::CopyAll
             && let Some(object) = object
         {
             let rel_obj = store::object_rel(object);
@@ -661,6 +681,25 @@ impl Cloner<'_> {
                 Err(e) => return Err(e).at(&dest_shown),
             }
         }
+        if self.mode == CloneMode::LinkAll && object.is_none() {
+            let link = nix::unistd::linkat(
+                src,
+                OsStr::from_bytes(name),
+                dest,
+                OsStr::from_bytes(name),
+                AtFlags::empty(),
+            );
+            match link {
+                Ok(()) => {
+                    self.report.linked += 1;
+                    self.report.linked_own += 1;
+                    return Ok(());
+                }
+                // The guest's own `+i`/`+a`, or the link limit: a copy, with its flags.
+                Err(Errno::EPERM | Errno::EMLINK) => {}
+                Err(e) => return Err(e).at(&dest_shown),
+            }
+        }
         let shown = fsx::join(&self.src_path, rel);
         let from = fsx::open_beneath(src, name, OFlag::O_RDONLY | OFlag::O_NONBLOCK).at(&shown)?;
         let from = std::fs::File::from(from);
@@ -676,8 +715,25 @@ impl Cloner<'_> {
         let xattrs = fsx::read_xattrs(&from).at(&shown)?;
         fsx::set_file_metadata(&out, st.uid, st.gid, st.mode, &xattrs, st.mtime_ns)
             .at(&dest_shown)?;
+        if self.mode == CloneMode::LinkAll {
+            let flags = crate::sys::user_flags(&from).at(&shown)?;
+            if flags != 0 {
+                self.flagged.push((rel.to_vec(), libc::c_long::from(flags)));
+            }
+        }
         self.report.copied += 1;
         self.report.copied_bytes += st.blocks * 512;
+        Ok(())
+    }
+
+    /// Sets the inode flags of the copies [`CloneMode::LinkAll`] made of flagged files.
+    fn set_copied_flags(&mut self) -> Result<()> {
+        for (rel, flags) in std::mem::take(&mut self.flagged) {
+            let shown = fsx::join(&self.dest_path, &rel);
+            let fd = fsx::open_beneath(self.base, &rel, OFlag::O_RDONLY | OFlag::O_NONBLOCK)
+                .at(&shown)?;
+            crate::sys::add_flags(fd, flags).at(&shown)?;
+        }
         Ok(())
     }
 

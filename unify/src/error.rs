@@ -177,6 +177,62 @@ pub enum Error {
         /// The first few, guest-absolute.
         first: String,
     },
+    /// A snapshot name is not acceptable.
+    #[error(
+        "invalid snapshot name {name:?}: use 1-64 characters of a-z A-Z 0-9 . _ - not starting \
+         with . or -"
+    )]
+    BadSnapshotName {
+        /// The rejected name.
+        name: String,
+    },
+    /// A snapshot of this name exists already.
+    #[error(
+        "guest {guest} has a snapshot named {name:?} already ({path}): choose another --name, \
+         or remove it first (`cowherd snapshot remove {guest} {name}`)"
+    )]
+    SnapshotExists {
+        /// The guest.
+        guest: String,
+        /// The name asked for.
+        name: String,
+        /// Its directory.
+        path: PathBuf,
+    },
+    /// The snapshot asked for does not exist.
+    #[error(
+        "guest {guest} has no snapshot named {name:?} in {path} (see `cowherd snapshot list {guest}`)"
+    )]
+    NoSuchSnapshot {
+        /// The guest.
+        guest: String,
+        /// The name asked for.
+        name: String,
+        /// The guest's snapshots directory.
+        path: PathBuf,
+    },
+    /// A rollback without a snapshot to go back to.
+    #[error(
+        "guest {guest} has no snapshot to roll back to ({path} holds none): make one with \
+         `cowherd snapshot {guest}`"
+    )]
+    NoSnapshots {
+        /// The guest.
+        guest: String,
+        /// The guest's snapshots directory.
+        path: PathBuf,
+    },
+    /// A guest's upper layer could not be folded whole, so base is not what the guest sees.
+    #[error(
+        "guest {name}: its upper layer could not be folded into base ({why}), so no snapshot \
+         or rollback can take its whole tree; fix that entry and run `cowherd fold {name}`"
+    )]
+    NotFolded {
+        /// The guest.
+        name: String,
+        /// The first entry that stayed, and why.
+        why: String,
+    },
 }
 
 /// The library's result type.

@@ -28,6 +28,7 @@ mod replace;
 mod report;
 mod root;
 mod scan;
+mod snapshot;
 mod store;
 mod sys;
 mod unify;
@@ -67,6 +68,11 @@ pub use progress::{NoProgress, Phase, Progress};
 pub use reindex::{RebuildReport, rebuild_index};
 pub use report::{Failure, FlaggedPath, LinkedPath, UnifyReport, display_path};
 pub use root::{Access, DEFAULT_ROOT, HostRoot};
+pub use snapshot::{
+    ATTEMPT_FILE, RollbackReport, SNAPSHOTS_DIR, SnapshotInfo, SnapshotRecord, SnapshotReport,
+    abandon_attempt, attempt_in_flight, begin_attempt, keep_attempt, remove_snapshot, rollback,
+    snapshot, snapshot_records, snapshot_usage, snapshots, validate_snapshot_name,
+};
 pub use sys::{bound_malloc_arenas, close_on_exec_above_stderr};
 pub use unify::{TreeSpec, UnifyOptions, forget_tree, unify, unify_tree};
 pub use verify::{Problem, VerifyOptions, VerifyReport, verify};

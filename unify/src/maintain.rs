@@ -32,6 +32,10 @@ pub struct GuestStats {
     pub saved_bytes: u64,
     /// When it was last unified (seconds since the epoch).
     pub last_unify: Option<i64>,
+    /// Its snapshots (counted apart: none of the figures above includes them).
+    pub snapshots: u64,
+    /// Allocated bytes only its snapshots hold (what removing them all would free).
+    pub snapshot_bytes: u64,
 }
 
 /// Whole-root numbers in [`Stats`].
@@ -53,6 +57,10 @@ pub struct Totals {
     pub ratio: f64,
     /// The index's size on disk (`index.db` and its write-ahead log).
     pub index_bytes: u64,
+    /// Snapshots of all guests (counted apart: not in the figures above).
+    pub snapshots: u64,
+    /// Allocated bytes only snapshots hold.
+    pub snapshot_bytes: u64,
 }
 
 /// A store object and what sharing it saves.
@@ -105,6 +113,7 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
     .map_err(|e| idx.err(e))?;
     let mut guests = Vec::new();
     for name in guest_names(root)? {
+        let (snapshots, snapshot_bytes) = crate::snapshot::snapshot_usage(root, &name)?;
         let Some((id, last_unify)) = c
             .query_row(
                 "SELECT id, last_unify FROM guests WHERE name = ?1",
@@ -123,6 +132,8 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
                 physical_bytes: 0,
                 saved_bytes: 0,
                 last_unify: None,
+                snapshots,
+                snapshot_bytes,
             });
             continue;
         };
@@ -171,6 +182,8 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
             physical_bytes,
             saved_bytes: logical_bytes.saturating_sub(physical_bytes),
             last_unify,
+            snapshots,
+            snapshot_bytes,
         });
     }
     let logical: u64 = guests.iter().map(|g| g.logical_bytes).sum();
@@ -198,6 +211,8 @@ pub fn stats(root: &HostRoot, top: usize) -> Result<Stats> {
             logical as f64 / physical as f64
         },
         index_bytes,
+        snapshots: guests.iter().map(|g| g.snapshots).sum(),
+        snapshot_bytes: guests.iter().map(|g| g.snapshot_bytes).sum(),
     };
     // The objects that save the most, each with one path that links it: a guest's rather than
     // a template's (`@…`), the first by name. One pass over the files for the links, one for

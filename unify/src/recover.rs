@@ -39,6 +39,7 @@ pub(crate) fn recover(root: &HostRoot) -> Result<()> {
     crate::create::recover_template_builds(root)?;
     crate::guest::apply_flag_journal(root, None)?;
     finish_rekeys(root)?;
+    crate::snapshot::recover_snapshots(root)?;
     let idx = &root.index;
     let rows: Vec<(i64, Option<i64>, Vec<u8>, i64)> = {
         let mut stmt = idx
