@@ -1433,3 +1433,240 @@ fn a_split_killed_after_its_rename_is_finished_by_the_next_split() {
     assert_guests(&root, &want, true, "the next split");
     assert_store_sound(&root, "the split after one killed after its rename");
 }
+
+// ---------------------------------------------------------------------------------------------
+// snapshot, rollback
+// ---------------------------------------------------------------------------------------------
+
+/// Changes guest `name`'s upper layer directly (it is unmounted), as a guest's writes through
+/// its overlay would: a new file, a changed shared file, a deleted one (a whiteout), a new
+/// directory. Round `n` picks the paths.
+fn change_upper(root: &Path, name: &str, n: usize, pkgs: usize) {
+    let upper = upper(root, name);
+    let pkg = |k: usize| format!("usr/lib/pkg{:02}", k % pkgs);
+    let mut t = TreeBuilder::new(&upper);
+    t.file(
+        format!("{}/new{n:03}", pkg(n)),
+        &content(&format!("new-{n}"), 900 + n * 13),
+    )
+    .file(
+        format!("{}/f001", pkg(n + 1)),
+        &content(&format!("changed-{n}"), 1_500),
+    )
+    .file(format!("srv/round{n:03}/data"), &content("srv", 300 + n));
+    t.finish();
+    // A whiteout for a file of base: a 0/0 character device.
+    let gone = upper.join(pkg(n + 2)).join("f002");
+    fs::create_dir_all(gone.parent().unwrap()).unwrap();
+    if fs::symlink_metadata(&gone).is_err() {
+        nix::sys::stat::mknod(
+            &gone,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .unwrap();
+    }
+}
+
+/// The names of guest `name`'s snapshots (not the dot-entries a killed run leaves).
+fn snapshot_names(root: &Path, name: &str) -> BTreeSet<String> {
+    match fs::read_dir(root.join("guests").join(name).join("snapshots")) {
+        Ok(d) => d
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect(),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+/// The tree of snapshot `snap` of guest `name`.
+fn snapshot_tree(root: &Path, name: &str, snap: &str) -> PathBuf {
+    root.join("guests")
+        .join(name)
+        .join("snapshots")
+        .join(snap)
+        .join("tree")
+}
+
+/// No dot-entry (a snapshot being made or removed, a rollback in flight) in any guest's
+/// `snapshots/`, no `attempt.toml`, and the rest of [`assert_no_leftovers`].
+fn assert_no_snapshot_leftovers(root: &Path, at: &str) {
+    assert_no_leftovers(root, at);
+    for g in guest_dirs(root) {
+        let dir = root.join("guests").join(&g);
+        let left: Vec<String> = fs::read_dir(dir.join("snapshots"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "guests/{g}/snapshots holds {left:?} after {at}"
+        );
+        for f in ["attempt.toml", ".upper.abandoned"] {
+            assert!(
+                fs::symlink_metadata(dir.join(f)).is_err(),
+                "guests/{g}/{f} is left after {at}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_killed_snapshot_leaves_the_view_and_every_snapshot_whole_and_the_next_one_finishes() {
+    assert_root();
+    own_mount_namespace();
+    const PKGS: usize = 30;
+    let s = Scratch::new("kill-snapshot");
+    let root = fleet(&s, &["a", "b"], PKGS, 20);
+    let other = views(&root, &["b"]);
+    // The snapshots kept so far, with what each must show.
+    let mut kept: BTreeMap<String, Manifest> = BTreeMap::new();
+    kill_loop(
+        "snapshot",
+        "COWHERD_KILL_SEED_SNAPSHOT",
+        &root,
+        &s.join("logs"),
+        |r| {
+            change_upper(&root, "a", r.n, PKGS);
+            let view = merged_manifest(&root, "a");
+            let name = format!("s{:03}", r.n);
+            r.kill(&["snapshot", "a", "--name", &name]);
+            // The fold before the snapshot never changes the view; the snapshot is whole or
+            // not there; the others never change.
+            assert_view(&view, &merged_manifest(&root, "a"), false, &r.at());
+            let made = snapshot_names(&root, "a");
+            if made.contains(&name) {
+                assert_view(
+                    &view,
+                    &manifest(&snapshot_tree(&root, "a", &name)),
+                    true,
+                    &r.at(),
+                );
+            }
+            for (k, m) in &kept {
+                assert_view(m, &manifest(&snapshot_tree(&root, "a", k)), true, &r.at());
+            }
+
+            let out = run_to_end(&root, &["snapshot", "a", "--name", &name], &[0, 1], &r.at());
+            let at = format!("the snapshot after {}", r.at());
+            if out.status.code() == Some(1) {
+                assert!(made.contains(&name), "the snapshot failed after {at}");
+                assert!(assert_one_line_error(&out, 1).contains("already"));
+            }
+            assert_view(&view, &merged_manifest(&root, "a"), true, &at);
+            assert_view(
+                &view,
+                &manifest(&snapshot_tree(&root, "a", &name)),
+                true,
+                &at,
+            );
+            kept.insert(name.clone(), view);
+            // Three at most: the oldest goes.
+            if kept.len() > 3 {
+                let oldest = kept.keys().next().unwrap().clone();
+                run_to_end(&root, &["snapshot", "remove", "a", &oldest], &[0], &at);
+                kept.remove(&oldest);
+            }
+            assert_eq!(
+                snapshot_names(&root, "a"),
+                kept.keys().cloned().collect::<BTreeSet<_>>(),
+                "a's snapshots after {at}"
+            );
+            for (k, m) in &kept {
+                assert_view(m, &manifest(&snapshot_tree(&root, "a", k)), true, &at);
+            }
+            assert_view(&other["b"], &manifest(&base(&root, "b")), true, &at);
+            assert_no_snapshot_leftovers(&root, &at);
+            // The fold moved files into base, and each new link changed a ctime: the index
+            // is a run behind until a unify rescans a.
+            run_to_end(&root, &["unify", "a"], &[0], &at);
+            assert_store_sound(&root, &at);
+        },
+    );
+}
+
+#[test]
+fn a_killed_rollback_leaves_the_old_or_the_snapshot_tree_and_the_next_one_finishes() {
+    assert_root();
+    own_mount_namespace();
+    const PKGS: usize = 30;
+    let s = Scratch::new("kill-rollback");
+    let root = fleet(&s, &["a", "b"], PKGS, 20);
+    let other = views(&root, &["b"]);
+    run_to_end(
+        &root,
+        &["snapshot", "a", "--name", "golden"],
+        &[0],
+        "the first snapshot",
+    );
+    let golden = manifest(&snapshot_tree(&root, "a", "golden"));
+    kill_loop(
+        "rollback",
+        "COWHERD_KILL_SEED_ROLLBACK",
+        &root,
+        &s.join("logs"),
+        |r| {
+            change_upper(&root, "a", r.n, PKGS);
+            let before = merged_manifest(&root, "a");
+            r.kill(&["rollback", "a", "golden"]);
+            // The tree before, or the snapshot's: never a mix.
+            let seen = merged_manifest(&root, "a");
+            let opts = CompareOpts {
+                dir_mtimes: false,
+                allow_extra: false,
+            };
+            let (to_before, _) = compare_manifests(&before, &seen, opts);
+            let (to_golden, _) = compare_manifests(&golden, &seen, opts);
+            assert!(
+                to_before.is_empty() || to_golden.is_empty(),
+                "a shows neither its tree before nor the snapshot's after {}: {:?} / {:?}",
+                r.at(),
+                to_before.iter().take(5).collect::<Vec<_>>(),
+                to_golden.iter().take(5).collect::<Vec<_>>()
+            );
+            assert_view(
+                &golden,
+                &manifest(&snapshot_tree(&root, "a", "golden")),
+                true,
+                &r.at(),
+            );
+
+            run_to_end(&root, &["rollback", "a", "golden"], &[0], &r.at());
+            let at = format!("the rollback after {}", r.at());
+            assert_view(&golden, &merged_manifest(&root, "a"), true, &at);
+            assert_view(
+                &golden,
+                &manifest(&snapshot_tree(&root, "a", "golden")),
+                true,
+                &at,
+            );
+            // The tree before is kept: one of the new snapshots shows it.
+            let new: Vec<String> = snapshot_names(&root, "a")
+                .into_iter()
+                .filter(|n| n != "golden")
+                .collect();
+            let undo = new.iter().any(|n| {
+                let (d, _) =
+                    compare_manifests(&before, &manifest(&snapshot_tree(&root, "a", n)), opts);
+                d.is_empty()
+            });
+            assert!(
+                undo,
+                "no snapshot keeps a's tree before the rollback after {at}: {new:?}"
+            );
+            for n in &new {
+                run_to_end(&root, &["snapshot", "remove", "a", n], &[0], &at);
+            }
+            assert_view(&other["b"], &manifest(&base(&root, "b")), true, &at);
+            assert_no_snapshot_leftovers(&root, &at);
+            // The fold moved files into base, and each new link changed a ctime: the index
+            // is a run behind until a unify rescans a.
+            run_to_end(&root, &["unify", "a"], &[0], &at);
+            assert_store_sound(&root, &at);
+        },
+    );
+}

@@ -564,6 +564,19 @@ fn finish_rollback(root: &HostRoot, guest: &str) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).at(&pending),
     }
+    // Exchanged. The overlay shows the guest's `/` with the (empty) upper root's metadata:
+    // it gets the restored tree's.
+    let gdir = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), guest.as_bytes())?;
+    let gshown = root.guests_dir().join(guest);
+    let base = fsx::open_dir_beneath(gdir.as_fd(), &gshown, b"base")?;
+    let st = fsx::fstat(&base).at(gshown.join("base"))?;
+    let xattrs: Vec<_> = fsx::xattrs_at(base.as_fd(), b".")
+        .at(gshown.join("base"))?
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(b"trusted.overlay."))
+        .collect();
+    let upper = fsx::open_dir_beneath(gdir.as_fd(), &gshown, b"upper")?;
+    fsx::set_dir_metadata(upper.as_fd(), &st, &xattrs).at(gshown.join("upper"))?;
     let record = match load_record(&staged.join(RECORD)) {
         Ok(record) => record,
         // Exchanged (no pending) but no record: keep the tree under a name of its own.
@@ -595,8 +608,7 @@ fn finish_rollback(root: &HostRoot, guest: &str) -> Result<()> {
         RenameFlags::RENAME_NOREPLACE,
     )
     .at(shown.join(&name))?;
-    let gdir = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), guest.as_bytes())?;
-    nix::unistd::fsync(&gdir).at(root.guests_dir().join(guest))
+    nix::unistd::fsync(&gdir).at(gshown)
 }
 
 /// What `attempt.toml` records.
