@@ -71,7 +71,7 @@ impl Built {
     }
 }
 
-fn version_rel(name: &str, version: u32) -> PathBuf {
+pub(crate) fn version_rel(name: &str, version: u32) -> PathBuf {
     Path::new("templates").join(name).join(version.to_string())
 }
 
@@ -298,7 +298,7 @@ pub fn build_template(
 
 /// Unifies the staged tree of a template build into the store under the template's policy:
 /// every shareable file becomes an object, for the guests built from it to share.
-fn unify_staged(
+pub(crate) fn unify_staged(
     root: &HostRoot,
     set: &TemplateSet,
     name: &str,
@@ -501,7 +501,7 @@ fn run_step(
 
 /// Cleans a built tree for reuse by many guests: nothing one guest's identity or one build's
 /// downloads leave behind.
-fn clean_for_reuse(root: &HostRoot, tree: &Tree) -> Result<(), Error> {
+pub(crate) fn clean_for_reuse(root: &HostRoot, tree: &Tree) -> Result<(), Error> {
     for dir in [
         "var/lib/apt/lists",
         "var/cache/apt",
@@ -530,7 +530,7 @@ fn clean_for_reuse(root: &HostRoot, tree: &Tree) -> Result<(), Error> {
 }
 
 /// Regular files and allocated bytes below `dir`, each inode once.
-fn tree_size(dir: &Path) -> (u64, u64) {
+pub(crate) fn tree_size(dir: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let mut seen = std::collections::HashSet::new();
     let (mut files, mut bytes) = (0, 0);
@@ -550,7 +550,7 @@ fn tree_size(dir: &Path) -> (u64, u64) {
     (files, bytes)
 }
 
-fn now_unix() -> i64 {
+pub(crate) fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

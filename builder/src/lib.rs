@@ -12,6 +12,7 @@ mod identity;
 mod import;
 mod programs;
 mod template;
+mod upgrade;
 
 pub use build::{GuestBuild, build_guest, numbered_names};
 pub use cache::{
@@ -24,6 +25,10 @@ pub use identity::{give_identity, validate_hostname};
 pub use import::{
     EXCLUDED, Fixups, GUEST_INTERFACES, GuestChanges, ImportError, ImportOptions, ImportReport,
     MASKED_UNITS, NEUTRAL_FSTAB, ORIG_SUFFIX, Source, apply_fixups, import,
+};
+pub use upgrade::{
+    GuestUpgrade, Outcome, PackageUpgrade, TemplateUpgrade, UpgradeOptions, UpgradeReport, parse_pending,
+    upgrade, upgrade_template,
 };
 pub use template::{
     Base, Bootstrapper, Location, Template, TemplateError, TemplateOrigin, TemplateSet,

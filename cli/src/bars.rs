@@ -35,6 +35,9 @@ impl Progress for Bars {
             (true, true) => {
                 "{prefix:>6} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
             }
+            (true, false) if phase == Phase::Upgrade => {
+                "{prefix:>7} [{bar:40}] {pos}/{len} guests {elapsed}"
+            }
             (true, false) => "{prefix:>6} [{bar:40}] {pos}/{len} files eta {eta}",
             (false, _) => "{prefix:>6} {spinner} {pos} files {per_sec}",
         };

@@ -7,6 +7,7 @@ mod demo;
 mod fmt;
 mod lifecycle;
 mod snapshots;
+mod upgrade;
 mod templates;
 
 use std::path::{Path, PathBuf};
@@ -183,6 +184,10 @@ root on the host. See SECURITY.md.")]
     /// Make a stopped guest's tree exactly a snapshot's again (default: the newest), keeping
     /// the tree it replaces as a new snapshot.
     Rollback(snapshots::RollbackArgs),
+    /// Upgrade stopped guests' distribution in one run: a snapshot of each first, each
+    /// package list and package file downloaded once for all of them, a guest whose upgrade
+    /// fails rolled back, the upgraded files shared again (fold, unify).
+    Upgrade(upgrade::UpgradeArgs),
     /// Distro templates: list, show, build into the cache, rebuild, remove, check a file.
     Template {
         #[command(subcommand)]
@@ -657,6 +662,9 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Command::Rollback(args) => {
             snapshots::rollback(&open(&cli.root, Access::Write)?, args, &bars)
+        }
+        Command::Upgrade(args) => {
+            upgrade::upgrade(&open(&cli.root, Access::Write)?, args, &bars)
         }
         Command::Template { command } => {
             let access = if command.writes() {

@@ -47,6 +47,17 @@ pub enum TemplateCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make the next version of a built template by upgrading a copy of its newest version
+    /// with the distribution's package manager (no new bootstrap), unified with the store, so
+    /// that guests upgraded by `cowherd upgrade` and guests built from the new version share
+    /// the same objects. Nothing pending: no new version.
+    Upgrade {
+        /// The template.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a built template (NAME: every version; NAME@VERSION: one); refused while a guest
     /// was built from it.
     Remove {
@@ -101,7 +112,7 @@ pub(crate) fn rescan_templates(
 }
 
 /// The templates of a root: the built-in ones and `$ROOT/templates.d/*.toml`.
-fn template_set(root: &HostRoot) -> Result<TemplateSet> {
+pub(crate) fn template_set(root: &HostRoot) -> Result<TemplateSet> {
     Ok(TemplateSet::load(&root.path().join("templates.d"))?)
 }
 
@@ -154,6 +165,7 @@ impl TemplateCommand {
             self,
             TemplateCommand::Build { .. }
                 | TemplateCommand::Rebuild { .. }
+                | TemplateCommand::Upgrade { .. }
                 | TemplateCommand::Remove { .. }
         )
     }
@@ -185,6 +197,10 @@ pub fn run(root: &HostRoot, command: TemplateCommand, bars: &Bars) -> Result<u8>
         TemplateCommand::Rebuild { name, json } => {
             no_version(&name, "`template rebuild`")?;
             build_template(root, &name, true, json, bars)
+        }
+        TemplateCommand::Upgrade { name, json } => {
+            no_version(&name, "`template upgrade`")?;
+            crate::upgrade::template(root, &template_set(root)?, &name, json, bars)
         }
         TemplateCommand::Remove { name, json } => {
             let (name, version) = match name.split_once('@') {
@@ -277,10 +293,11 @@ fn list(root: &HostRoot, json: bool) -> Result<u8> {
                 .iter()
                 .map(|v| {
                     format!(
-                        "{} ({}, {} guests)",
+                        "{} ({}, {} guests, built {})",
                         v.built.record.version,
                         fmt::bytes(v.built.record.bytes),
-                        v.guests.len()
+                        v.guests.len(),
+                        fmt::ago(v.built.record.built_unix)
                     )
                 })
                 .collect::<Vec<_>>()

@@ -71,7 +71,7 @@ pub use root::{Access, DEFAULT_ROOT, HostRoot};
 pub use snapshot::{
     ATTEMPT_FILE, RollbackReport, SNAPSHOTS_DIR, SnapshotInfo, SnapshotRecord, SnapshotReport,
     abandon_attempt, attempt_in_flight, begin_attempt, keep_attempt, remove_snapshot, rollback,
-    snapshot, snapshot_records, snapshot_usage, snapshots, validate_snapshot_name,
+    snapshot, snapshot_records, snapshot_usage, snapshots, utc_stamp, validate_snapshot_name,
 };
 pub use sys::{bound_malloc_arenas, close_on_exec_above_stderr};
 pub use unify::{TreeSpec, UnifyOptions, forget_tree, unify, unify_tree};

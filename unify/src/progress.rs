@@ -11,6 +11,8 @@ pub enum Phase {
     Link,
     /// Re-hashing store objects (unit: bytes).
     Verify,
+    /// Upgrading guests (unit: guests).
+    Upgrade,
 }
 
 impl Phase {
@@ -21,6 +23,7 @@ impl Phase {
             Phase::Hash => "hash",
             Phase::Link => "link",
             Phase::Verify => "verify",
+            Phase::Upgrade => "upgrade",
         }
     }
 

@@ -763,7 +763,7 @@ pub fn attempt_in_flight(root: &HostRoot, guest: &str) -> bool {
 }
 
 /// Seconds since the epoch as `YYYYMMDDTHHMMSSZ` (UTC), a snapshot's default name.
-pub(crate) fn utc_stamp(secs: i64) -> String {
+pub fn utc_stamp(secs: i64) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days (Howard Hinnant's algorithm).
     let z = days + 719_468;
