@@ -81,6 +81,14 @@ pub enum Error {
         /// The guests, comma-separated.
         guests: String,
     },
+    /// The download cache of a fleet upgrade could not start.
+    #[error("download cache at {at}: {message}")]
+    DownloadCache {
+        /// Its directory, or the address it was to listen on.
+        at: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A template definition is wrong or unknown.
     #[error(transparent)]
     Template(#[from] crate::template::TemplateError),

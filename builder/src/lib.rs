@@ -1,13 +1,14 @@
 //! Building guests: template definitions (`template`), their builds kept in the template cache
 //! (`cache`), guests cloned from a built template with their own identity (`build`,
 //! `identity`), commands run inside a guest's tree (`exec`), and physical machines imported by
-//! rsync (`import`).
+//! rsync (`import`); the caching proxy of a fleet upgrade (`fetch`).
 #![warn(missing_docs)]
 
 mod build;
 mod cache;
 mod error;
 mod exec;
+mod fetch;
 mod identity;
 mod import;
 mod programs;
@@ -21,6 +22,9 @@ pub use cache::{
 };
 pub use error::Error;
 pub use exec::{Exec, ExecOutput};
+pub use fetch::{
+    CacheOptions, CacheStats, ClientStats, DEFAULT_MAX_BYTES, DownloadCache, MAX_URL_LEN,
+};
 pub use identity::{give_identity, validate_hostname};
 pub use import::{
     EXCLUDED, Fixups, GUEST_INTERFACES, GuestChanges, ImportError, ImportOptions, ImportReport,
