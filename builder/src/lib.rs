@@ -19,7 +19,7 @@ pub use cache::{
     template_policy, versions,
 };
 pub use error::Error;
-pub use exec::{Exec, ExecOutput};
+pub use exec::{Exec, ExecOutput, exec_in_guest, guest_exec};
 pub use identity::{give_identity, validate_hostname};
 pub use import::{
     EXCLUDED, Fixups, GUEST_INTERFACES, GuestChanges, ImportError, ImportOptions, ImportReport,
