@@ -41,10 +41,6 @@ use common::*;
 
 /// At least this many SIGKILLs must land while the command runs, in each loop.
 const KILLS: usize = 50;
-/// Of those, at least this many later than a writer with nothing to do takes to start.
-const KILLS_PAST_IDLE: usize = KILLS / 2;
-/// Attempts before a loop gives up: its command ends before most kills arrive.
-const MAX_ATTEMPTS: usize = 4 * KILLS;
 /// Kills are aimed within at most this long after the start.
 const MAX_WINDOW: Duration = Duration::from_secs(5);
 /// Kills are aimed within at least this long after the start.
@@ -182,20 +178,34 @@ impl Round<'_> {
 }
 
 /// The kill loop: `round` once per attempt until [`KILLS`] SIGKILLs landed while the command
-/// ran, [`KILLS_PAST_IDLE`] of them later than a writer with nothing to do takes. Each round
+/// ran, half of them later than a writer with nothing to do takes. Each round
 /// prepares what its command works on, calls [`Round::kill`] once, and checks. The first round
 /// lets the command finish (to learn how long a run takes); the kills are then aimed at a random
 /// instant within the last uninterrupted run's length (widened a little after each kill that
 /// landed): half of them anywhere, half past the time an idle writer takes to start. The seed is
-/// printed; `seed_var` overrides it. Fails after [`MAX_ATTEMPTS`] attempts, saying so: then
+/// printed; `seed_var` overrides it. Fails after four times as many attempts, saying so: then
 /// the command is too fast for its tree.
 fn kill_loop(
     what: &str,
     seed_var: &str,
     root: &Path,
     logs: &Path,
+    round: impl FnMut(&mut Round<'_>),
+) {
+    kill_loop_n(what, seed_var, root, logs, KILLS, round);
+}
+
+/// [`kill_loop`] with `kills` SIGKILLs to land (half of them past an idle writer's start), for
+/// a command whose runs are long.
+fn kill_loop_n(
+    what: &str,
+    seed_var: &str,
+    root: &Path,
+    logs: &Path,
+    kills: usize,
     mut round: impl FnMut(&mut Round<'_>),
 ) {
+    let (kills_past_idle, max_attempts) = (kills / 2, 4 * kills);
     let seed = seed(seed_var);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     fs::create_dir_all(logs).unwrap();
@@ -214,11 +224,11 @@ fn kill_loop(
     };
     let started = Instant::now();
     let mut n = 0;
-    while aim.landed < KILLS || aim.past_idle < KILLS_PAST_IDLE {
+    while aim.landed < kills || aim.past_idle < kills_past_idle {
         n += 1;
         assert!(
-            n <= MAX_ATTEMPTS,
-            "`cowherd {what}`: only {} of {MAX_ATTEMPTS} SIGKILLs landed while it ran, {} of \
+            n <= max_attempts,
+            "`cowherd {what}`: only {} of {max_attempts} SIGKILLs landed while it ran, {} of \
              them later than a writer with nothing to do takes ({:?}); an uninterrupted run \
              takes {:?}: it is too fast for kills to land — make its tree bigger or aim the \
              kills within a smaller window ({seed_var}={seed})",
@@ -1666,6 +1676,164 @@ fn a_killed_rollback_leaves_the_old_or_the_snapshot_tree_and_the_next_one_finish
             // The fold moved files into base, and each new link changed a ctime: the index
             // is a run behind until a unify rescans a.
             run_to_end(&root, &["unify", "a"], &[0], &at);
+            assert_store_sound(&root, &at);
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// upgrade
+// ---------------------------------------------------------------------------------------------
+
+/// Files the stub package manager rewrites at each upgrade.
+const STUB_FILES: usize = 30;
+
+/// The guests' `apt-get`: a stub with one package, `stub`, whose version is
+/// `/var/lib/stub/version`; `update` succeeds, `-s dist-upgrade` lists `stub` at the next
+/// version, and `dist-upgrade` rewrites [`STUB_FILES`] files one by one (each a new file renamed
+/// into place, as dpkg does) with the next version's content, then the version. So a kill
+/// mid-upgrade leaves a guest's upper layer with some files of each version: the mix a real
+/// half-done upgrade leaves, which the next writer must never let stand.
+const STUB_APT: &str = r#"#!/bin/sh
+sim=; up=
+for a in "$@"; do case "$a" in update) up=1;; -s) sim=1;; esac; done
+v=$(cat /var/lib/stub/version)
+n=$((v + 1))
+if [ -n "$up" ]; then echo "Hit:1 stub"; exit 0; fi
+if [ -n "$sim" ]; then echo "Inst stub [$v] ($n stub [all])"; exit 0; fi
+i=0
+while [ $i -lt 30 ]; do
+  printf 'stub package, version %s, file %s: %0300d\n' "$n" "$i" 0 > /usr/lib/stub/f$i.dpkg-new
+  mv /usr/lib/stub/f$i.dpkg-new /usr/lib/stub/f$i
+  i=$((i + 1))
+done
+echo "$n" > /var/lib/stub/version.dpkg-new
+mv /var/lib/stub/version.dpkg-new /var/lib/stub/version
+echo "Setting up stub ($n) ..."
+"#;
+
+/// The content of stub file `i` at version `v`, as [`STUB_APT`] writes it.
+fn stub_content(v: u64, i: usize) -> Vec<u8> {
+    format!("stub package, version {v}, file {i}: {:0300}\n", 0).into_bytes()
+}
+
+/// A guest tree for [`STUB_APT`]: the programs the upgrade's script and the stub run, the stub
+/// at version 1, and [`pkg_tree`]'s files.
+fn stub_guest(dir: &Path, host: &str) {
+    pkg_tree(dir, "stubfleet", 10, 20, host);
+    minimal_userland(
+        dir,
+        &[
+            "/bin/sh", "/bin/cat", "/bin/rm", "/bin/mv", "/bin/chmod", "/bin/grep", "/bin/sed",
+        ],
+    );
+    let mut t = TreeBuilder::new(dir);
+    t.file_with("usr/bin/apt-get", STUB_APT.as_bytes(), 0o755, 0, 0, DEFAULT_MTIME)
+        .file("var/lib/stub/version", b"1\n")
+        .dir("usr/sbin", 0o755)
+        .dir("tmp", 0o1777);
+    for i in 0..STUB_FILES {
+        t.file(format!("usr/lib/stub/f{i}"), &stub_content(1, i));
+    }
+    t.finish();
+}
+
+/// Guest `name`'s merged view is whole: the stub's files all of the version its version file
+/// says (never a mix), everything else as in `other` (directory mtimes aside: an upgrade
+/// changes them). Returns the version.
+fn assert_stub_whole(root: &Path, name: &str, other: &Manifest, at: &str) -> u64 {
+    let view = merged_manifest(root, name);
+    let version_hash = view
+        .get(b"var/lib/stub/version".as_slice())
+        .and_then(|e| e.blake3)
+        .unwrap_or_else(|| panic!("{name} has no stub version after {at}"));
+    let v = (1..10_000u64)
+        .find(|v| blake3::hash(format!("{v}\n").as_bytes()) == version_hash)
+        .unwrap_or_else(|| panic!("{name}'s stub version is not a number after {at}"));
+    for i in 0..STUB_FILES {
+        let rel = format!("usr/lib/stub/f{i}");
+        let got = view.get(rel.as_bytes()).and_then(|e| e.blake3);
+        assert!(
+            got == Some(blake3::hash(&stub_content(v, i))),
+            "{name}:/{rel} is not of version {v} (a mix of versions) after {at}"
+        );
+    }
+    let rest: Manifest = view
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(b"usr/lib/stub") && !k.starts_with(b"var/lib/stub"))
+        .collect();
+    assert_view(other, &rest, false, &format!("{name} after {at}"));
+    v
+}
+
+#[test]
+fn a_killed_upgrade_leaves_each_guest_before_or_after_and_the_next_upgrade_finishes() {
+    assert_root();
+    own_mount_namespace();
+    let s = Scratch::new("kill-upgrade");
+    let root = init_root(s.path());
+    let guests = ["a", "b"];
+    for g in guests {
+        adopt_built(&root, s.path(), g, |d| stub_guest(d, g));
+    }
+    run_to_end(&root, &["unify", "--all"], &[0], "the first unify");
+    let others: BTreeMap<&str, Manifest> = guests
+        .iter()
+        .map(|g| {
+            let view: Manifest = merged_manifest(&root, g)
+                .into_iter()
+                .filter(|(k, _)| {
+                    !k.starts_with(b"usr/lib/stub") && !k.starts_with(b"var/lib/stub")
+                })
+                .collect();
+            (*g, view)
+        })
+        .collect();
+    let logs = s.join("upgrade-logs");
+    let logs_arg = logs.to_string_lossy().into_owned();
+    let args = ["upgrade", "--all", "--jobs", "2", "--logs", logs_arg.as_str()];
+    kill_loop_n(
+        "upgrade",
+        "COWHERD_KILL_SEED_UPGRADE",
+        &root,
+        &s.join("logs"),
+        30,
+        |r| {
+            let before: BTreeMap<&str, u64> = guests
+                .iter()
+                .map(|g| (*g, assert_stub_whole(&root, g, &others[g], &r.at())))
+                .collect();
+            r.kill(&args);
+            // The next writer settles what the kill left (here one with nothing to do).
+            run_to_end(&root, &["gc", "--dry-run"], &[0], &r.at());
+            let mut settled = BTreeMap::new();
+            for g in guests {
+                let v = assert_stub_whole(&root, g, &others[g], &r.at());
+                assert!(
+                    v == before[g] || v == before[g] + 1,
+                    "{g} is at version {v} after {} (was {})",
+                    r.at(),
+                    before[g]
+                );
+                settled.insert(g, v);
+            }
+            run_to_end(&root, &args, &[0], &r.at());
+            let at = format!("the upgrade after {}", r.at());
+            for g in guests {
+                let v = assert_stub_whole(&root, g, &others[g], &at);
+                assert_eq!(v, settled[g] + 1, "{g}'s version after {at}");
+                for n in snapshot_names(&root, g) {
+                    run_to_end(&root, &["snapshot", "remove", g, &n], &[0], &at);
+                }
+            }
+            assert_no_snapshot_leftovers(&root, &at);
+            let caches: Vec<String> = fs::read_dir(root.join("cache"))
+                .map(|d| {
+                    d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert!(caches.is_empty(), "download caches left after {at}: {caches:?}");
             assert_store_sound(&root, &at);
         },
     );

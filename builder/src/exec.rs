@@ -1,7 +1,9 @@
 //! Running a command inside a guest's root directory: `pivot_root` into it in new mount, PID,
 //! UTS and IPC namespaces, the host's root detached, no descriptor but standard input, output
 //! and error, a bounded capability set, the host's kernel settings under `/proc` read-only, no
-//! controlling terminal; without `unsafe` and without `fork`.
+//! controlling terminal; without `unsafe` and without `fork`. The root directory is a mounted
+//! guest's overlay, or an unmounted guest's overlay mounted in the command's own mount
+//! namespace only ([`guest_exec`], [`Exec::overlay`]).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -14,7 +16,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 use std::{env, fs, io, thread};
 
-use cowherd_unify::close_on_exec_above_stderr;
+use cowherd_unify::{
+    HostRoot, MountState, OverlayLayers, close_on_exec_above_stderr, guest_record, mount_state,
+    private_overlay,
+};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -86,7 +91,7 @@ IFS= read -r word < \"$0\" && [ \"$word\" = go ] && exec \"$@\"; exit 125";
 const GATE_POLL_MAX: Duration = Duration::from_millis(5);
 
 /// A command to run inside a guest's root directory (see [`Exec::run`]).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Exec {
     rootfs: PathBuf,
     hostname: String,
@@ -94,6 +99,19 @@ pub struct Exec {
     capture: bool,
     /// Variables set besides the fixed ones.
     env: Vec<(String, OsString)>,
+    /// An overlay to mount on `rootfs` inside the command's mount namespace only.
+    overlay: Option<OverlayLayers>,
+    /// Standard input, output and error given instead of the caller's.
+    stdio: Stdios,
+}
+
+/// The standard streams an [`Exec`] was given; `None` inherits the caller's (or, for output
+/// and error, a pipe read into [`ExecOutput`] with [`Exec::capture`]).
+#[derive(Debug, Default)]
+struct Stdios {
+    stdin: Option<Stdio>,
+    stdout: Option<Stdio>,
+    stderr: Option<Stdio>,
 }
 
 /// How a command ended, and what it printed if its output was captured.
@@ -110,7 +128,8 @@ pub struct ExecOutput {
 impl Exec {
     /// A command `argv` (program first, looked up in the guest's `PATH`) to run with `rootfs`
     /// as its root directory and `hostname` as its hostname. Standard input, output and error
-    /// are inherited unless [`capture`](Self::capture) is set.
+    /// are inherited unless [`capture`](Self::capture) or [`stdin`](Self::stdin),
+    /// [`stdout`](Self::stdout), [`stderr`](Self::stderr) say otherwise.
     pub fn new<A: Into<OsString>>(
         rootfs: impl Into<PathBuf>,
         hostname: impl Into<String>,
@@ -122,7 +141,16 @@ impl Exec {
             argv: argv.into_iter().map(Into::into).collect(),
             capture: false,
             env: Vec::new(),
+            overlay: None,
+            stdio: Stdios::default(),
         }
+    }
+
+    /// A command `argv` whose root directory and hostname are not known yet: for
+    /// [`guest_exec`] and [`exec_in_guest`], which take them from the guest. Run as it is, it
+    /// fails ([`Error::NotADirectory`] for the empty root path).
+    pub fn command<A: Into<OsString>>(argv: impl IntoIterator<Item = A>) -> Self {
+        Self::new(PathBuf::new(), String::new(), argv)
     }
 
     /// Sets the variable `name` to `value` in the command's environment (a template build's
@@ -134,10 +162,48 @@ impl Exec {
     }
 
     /// Whether to capture standard output and error into [`ExecOutput`] instead of
-    /// inheriting them.
+    /// inheriting them (a stream given with [`stdout`](Self::stdout) or
+    /// [`stderr`](Self::stderr) goes there instead).
     #[must_use]
     pub fn capture(mut self, capture: bool) -> Self {
         self.capture = capture;
+        self
+    }
+
+    /// The command's standard input instead of the caller's (`Stdio::null()`, say).
+    #[must_use]
+    pub fn stdin(mut self, stdin: impl Into<Stdio>) -> Self {
+        self.stdio.stdin = Some(stdin.into());
+        self
+    }
+
+    /// The command's standard output instead of the caller's: a file, or the writing end of
+    /// a pipe (`std::io::pipe`) whose reader sees its lines as they come. `run` closes its
+    /// own copy once the command started, so the reader sees the end of the file when the
+    /// command and everything it left running in its PID namespace ended. `Stdio::piped()`
+    /// captures it into [`ExecOutput::stdout`].
+    #[must_use]
+    pub fn stdout(mut self, stdout: impl Into<Stdio>) -> Self {
+        self.stdio.stdout = Some(stdout.into());
+        self
+    }
+
+    /// The command's standard error instead of the caller's (as [`stdout`](Self::stdout)).
+    #[must_use]
+    pub fn stderr(mut self, stderr: impl Into<Stdio>) -> Self {
+        self.stdio.stderr = Some(stderr.into());
+        self
+    }
+
+    /// Mounts `layers` (made by [`cowherd_unify::private_overlay`]) on their target inside
+    /// the command's own mount namespace, and makes that target the command's root
+    /// directory: the overlay exists only in the command's namespaces, never on the host, and
+    /// the kernel drops it when they end — when the command ends, or when the caller dies
+    /// (the command is killed with it). See step 2 of [`run`](Self::run).
+    #[must_use]
+    pub fn overlay(mut self, layers: OverlayLayers) -> Self {
+        self.rootfs = layers.target().to_owned();
+        self.overlay = Some(layers);
         self
     }
 
@@ -151,7 +217,7 @@ impl Exec {
     /// `/`, as PID 1 of a new PID namespace, with the hostname set in a new UTS namespace, in a
     /// new IPC namespace, in a new session without a controlling terminal (so `TIOCSTI` cannot
     /// push input into the caller's terminal; standard input, output and error are still the
-    /// caller's), with no descriptor but 0, 1 and 2, and with systemd-nspawn's default
+    /// caller's unless given or captured), with no descriptor but 0, 1 and 2, and with systemd-nspawn's default
     /// capabilities less `CAP_SYS_ADMIN`, `CAP_MKNOD`, `CAP_DAC_READ_SEARCH` and `CAP_SYS_BOOT`
     /// (bounding, permitted and effective sets; the inheritable set empty). Its environment
     /// holds only `PATH`, `HOME=/root`, `TERM`, `LANG`, `LC_ALL` when the caller has them, and
@@ -161,15 +227,21 @@ impl Exec {
     /// It is still root on the host's kernel (no user namespace), in the host's network, with
     /// no seccomp filter: a confinement of its file-system view, not a security boundary.
     ///
+    /// With [`overlay`](Self::overlay), the guest's overlay is mounted inside the command's
+    /// mount namespace only: nothing is mounted on the host at any instant, and the mount ends
+    /// with the namespaces (the command ending, or the caller dying, which kills the command).
+    ///
     /// Every descriptor of the calling process above 2 is marked close-on-exec on the way
     /// (those it inherited from its own caller included).
     ///
     /// # Errors
     /// [`Error::EmptyCommand`], [`Error::BadHostname`]; [`Error::NotADirectory`] or
-    /// [`Error::NoProc`] for an unusable root directory; [`Error::MissingProgram`] without
-    /// util-linux or a shell; [`Error::Namespace`] if the namespaces cannot be set up (not
-    /// root), if the chain ends before it reaches the command, or if the host's kernel settings
-    /// under `/proc` cannot be made read-only (the command is then never started);
+    /// [`Error::NoProc`] for an unusable root directory (with an overlay: its mount point, and
+    /// the merged tree's `proc`); [`Error::MissingProgram`] without util-linux or a shell;
+    /// [`Error::Namespace`] if the namespaces cannot be set up (not root), if the overlay
+    /// cannot be mounted, if the chain ends before it reaches the command, or if the host's
+    /// kernel settings under `/proc` cannot be made read-only (the command is then never
+    /// started);
     /// [`Error::Io`] if the command cannot be started or waited for. The command failing is
     /// not an error: its code is in [`ExecOutput::code`].
     ///
@@ -177,10 +249,15 @@ impl Exec {
     /// 1. Every descriptor above 2 is marked close-on-exec (`close_range`).
     /// 2. A first dedicated thread unshares the mount, UTS and IPC namespaces (which affects
     ///    that thread only), makes its whole mount tree private so nothing propagates back to
-    ///    the host, sets the hostname, bind-mounts the root directory onto itself (so that it
-    ///    is a mount point), and `pivot_root(".", ".")`s into it and detaches the old root
+    ///    the host, and, with [`overlay`](Self::overlay), mounts the overlay on the root
+    ///    directory there (so it exists in this namespace and in the copies step 3 makes of
+    ///    it, nowhere else; a merged tree without `proc/` is refused here). It sets the
+    ///    hostname, bind-mounts the root directory onto itself (so that it is a mount point),
+    ///    and `pivot_root(".", ".")`s into it and detaches the old root
     ///    (`umount2(".", MNT_DETACH)`): its namespace now holds the guest's mounts only. It
-    ///    waits there until the command ends.
+    ///    waits there until the command ends. A namespace lives as long as a thread or
+    ///    process is in it: when this thread and the chain are gone, the kernel unmounts the
+    ///    overlay.
     /// 3. A second dedicated thread unshares the PID namespace and starts, as that namespace's
     ///    first process (so the command ends up as its PID 1, and its wait status is exact: no
     ///    `fork` in between, util-linux issue 2614), the chain of the host's programs (all
@@ -216,20 +293,30 @@ impl Exec {
     ///    passes the lock's descriptor on to the command (`--close` cannot be combined with
     ///    it), and only 0, 1 and 2 may reach the command. The shell's `cwd` (the guest's
     ///    root, in another mount namespace) is unreachable from its root (the host's), so the
-    ///    chain's environment holds `PWD` = the guest's root as a host path, which names the
-    ///    same directory: the shell takes it instead of warning that `getcwd` failed.
+    ///    chain's environment holds `PWD` = `/proc/PID/task/TID/root` of the first thread (the
+    ///    path `--wd` took), which names the same directory from the host's root whether the
+    ///    guest's overlay is mounted on the host or only in the command's namespace: the shell
+    ///    takes it instead of warning that `getcwd` failed.
     /// 5. The second thread waits for the command; then the first thread ends, and its
     ///    namespaces with it.
-    pub fn run(&self) -> Result<ExecOutput, Error> {
+    pub fn run(mut self) -> Result<ExecOutput, Error> {
         if self.argv.is_empty() {
             return Err(Error::EmptyCommand);
+        }
+        if self.rootfs.as_os_str().is_empty() {
+            return Err(Error::NotADirectory {
+                path: self.rootfs.clone(),
+            });
         }
         if !(1..=MAX_HOSTNAME).contains(&self.hostname.len()) {
             return Err(Error::BadHostname {
                 hostname: self.hostname.clone(),
             });
         }
-        let root = guest_root(&self.rootfs)?;
+        // With an overlay, `proc/` is looked for once it is mounted (step 2).
+        let root = guest_root(&self.rootfs, self.overlay.is_none())?;
+        let stdio = std::mem::take(&mut self.stdio);
+        let this = &self;
         let launcher = Launcher::find()?;
         close_on_exec_above_stderr().map_err(|errno| Error::Namespace {
             path: root.clone(),
@@ -243,11 +330,11 @@ impl Exec {
             error,
         };
         thread::scope(|scope| {
-            let (root, hostname) = (&root, &self.hostname);
+            let (root, hostname, overlay) = (&root, &this.hostname, this.overlay.as_ref());
             let guest = thread::Builder::new()
                 .name("cowherd-guest-ns".into())
                 .spawn_scoped(scope, move || {
-                    let entered = enter_guest(root, hostname);
+                    let entered = enter_guest(root, hostname, overlay);
                     let wait = entered.is_ok();
                     if ready_tx.send(entered).is_ok() && wait {
                         // Until the command ended (or the caller gave up): its namespaces
@@ -272,7 +359,7 @@ impl Exec {
                 .and_then(|task| {
                     thread::Builder::new()
                         .name("cowherd-exec".into())
-                        .spawn_scoped(scope, move || self.launch(root, launcher, task))
+                        .spawn_scoped(scope, move || this.launch(root, launcher, task, stdio))
                         .map_err(spawn_error)
                 })
                 .map(thread::ScopedJoinHandle::join);
@@ -288,7 +375,13 @@ impl Exec {
     /// children and, at the gate, mount namespace change: starts the command in the
     /// namespaces of `task` (the thread of step 2), makes the host's kernel settings under
     /// its `/proc` read-only, lets it through the gate and waits for it.
-    fn launch(&self, root: &Path, launcher: &Launcher, task: Pid) -> Result<ExecOutput, Error> {
+    fn launch(
+        &self,
+        root: &Path,
+        launcher: &Launcher,
+        task: Pid,
+        stdio: Stdios,
+    ) -> Result<ExecOutput, Error> {
         let failed = |step| {
             move |errno: Errno| Error::Namespace {
                 path: root.to_owned(),
@@ -306,8 +399,10 @@ impl Exec {
             path: launcher.setpriv.clone(),
             error,
         };
+        // The command (and with it the caller's copies of its standard streams) is dropped at
+        // the end of this statement: a pipe's reader sees the end when the chain is gone.
         let mut child = launcher
-            .command(&task, &gate, root, self)
+            .command(&task, &gate, self, stdio)
             .spawn()
             .map_err(io_error)?;
         if let Err(error) = open_gate(root, launcher, &task, &mut child, &gate_write) {
@@ -327,6 +422,52 @@ impl Exec {
             stderr: output.stderr,
         })
     }
+}
+
+/// Makes `command` (an [`Exec::command`], with its environment and streams) a command for
+/// guest `name` of `root`, with the guest's hostname: on its overlay if it is mounted here as
+/// cowherd mounts it; if it is not mounted, on its own overlay (base, upper, work) mounted
+/// privately for the command ([`cowherd_unify::private_overlay`] prepares it, after checking
+/// that no mount namespace of the host uses the guest; [`Exec::overlay`] mounts it), which
+/// needs `root` opened with [`cowherd_unify::Access::Write`] and held until the command ended.
+/// What the command writes lands in the guest's upper layer either way.
+///
+/// # Errors
+/// [`Error::Unify`]: [`cowherd_unify::Error::NoSuchGuest`] and record errors,
+/// [`cowherd_unify::Error::ForeignMount`] for a mount cowherd does not trust,
+/// [`cowherd_unify::Error::NeedsLock`] for an unmounted guest of a root opened for reading,
+/// [`cowherd_unify::Error::InUse`] or [`cowherd_unify::Error::Mounted`] for an unmounted
+/// guest in use in another mount namespace, and the errors of preparing its layers.
+pub fn guest_exec(root: &HostRoot, name: &str, command: Exec) -> Result<Exec, Error> {
+    let record = guest_record(root, name)?;
+    let command = Exec {
+        hostname: record.hostname().to_owned(),
+        overlay: None,
+        ..command
+    };
+    match mount_state(root, name)? {
+        MountState::Mounted { path } => Ok(Exec {
+            rootfs: path,
+            ..command
+        }),
+        MountState::Unmounted => Ok(command.overlay(private_overlay(root, name, None)?)),
+        MountState::Foreign { path, why } => Err(cowherd_unify::Error::ForeignMount {
+            name: name.into(),
+            path,
+            why,
+        }
+        .into()),
+    }
+}
+
+/// Runs `command` (an [`Exec::command`]) in guest `name` of `root` and waits for it: on the
+/// guest's mount if it is mounted, else on its overlay mounted privately for the command
+/// ([`guest_exec`], then [`Exec::run`]). Nothing is left mounted on the host either way.
+///
+/// # Errors
+/// Those of [`guest_exec`] and [`Exec::run`].
+pub fn exec_in_guest(root: &HostRoot, name: &str, command: Exec) -> Result<ExecOutput, Error> {
+    guest_exec(root, name, command)?.run()
 }
 
 /// Step 4 of [`Exec::run`], on the thread that started `chain`: waits until the chain is at
@@ -493,9 +634,10 @@ fn file_id(path: &Path) -> io::Result<(u64, u64)> {
 
 /// Step 2 of [`Exec::run`], on the calling thread, whose namespaces and root directory change
 /// for good: new mount, UTS and IPC namespaces whose only mounts are those of `root` (the
-/// host's root detached), `root` as the thread's root and working directory, `hostname` set.
-/// Returns the thread's id, which names its namespaces under `/proc`.
-fn enter_guest(root: &Path, hostname: &str) -> Result<Pid, Error> {
+/// host's root detached; `overlay` mounted on it first, in these namespaces only), `root` as
+/// the thread's root and working directory, `hostname` set. Returns the thread's id, which
+/// names its namespaces under `/proc`.
+fn enter_guest(root: &Path, hostname: &str, overlay: Option<&OverlayLayers>) -> Result<Pid, Error> {
     let failed = |step| {
         move |errno: Errno| Error::Namespace {
             path: root.to_owned(),
@@ -513,6 +655,20 @@ fn enter_guest(root: &Path, hostname: &str) -> Result<Pid, Error> {
         None::<&str>,
     )
     .map_err(failed("make the mount tree private"))?;
+    if let Some(layers) = overlay {
+        mount(
+            Some("cowherd"),
+            layers.target(),
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(layers.mount_data().as_os_str()),
+        )
+        .map_err(failed("mount the guest's overlay"))?;
+        let proc = root.join("proc");
+        if !fs::symlink_metadata(&proc).is_ok_and(|meta| meta.is_dir()) {
+            return Err(Error::NoProc { path: proc });
+        }
+    }
     sethostname(hostname).map_err(failed("set the hostname"))?;
     mount(
         Some(root),
@@ -563,9 +719,9 @@ impl Launcher {
     }
 
     /// The chain of step 3 of [`Exec::run`] for the namespaces of the thread `task`
-    /// (`/proc/PID/task/TID`), with `gate` the path of the gate's pipe, `root` the guest's
-    /// root (the shell's `PWD`) and `exec`'s command and environment.
-    fn command(&self, task: &Path, gate: &Path, root: &Path, exec: &Exec) -> Command {
+    /// (`/proc/PID/task/TID`), with `gate` the path of the gate's pipe, and `exec`'s command,
+    /// environment and standard streams.
+    fn command(&self, task: &Path, gate: &Path, exec: &Exec, stdio: Stdios) -> Command {
         let with = |option: &str, path: PathBuf| {
             let mut arg = OsString::from(option);
             arg.push(path);
@@ -608,23 +764,35 @@ impl Launcher {
             )
             .envs(exec.env.iter().map(|(name, value)| (name, value)))
             // For the gate's shell, which takes it away again.
-            .env("PWD", root);
+            .env("PWD", task.join("root"));
         if exec.capture {
             command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        if let Some(stdin) = stdio.stdin {
+            command.stdin(stdin);
+        }
+        if let Some(stdout) = stdio.stdout {
+            command.stdout(stdout);
+        }
+        if let Some(stderr) = stdio.stderr {
+            command.stderr(stderr);
         }
         command
     }
 }
 
-/// The canonical path of the guest's root directory, checked to be a directory holding a
-/// `proc` directory.
-fn guest_root(rootfs: &Path) -> Result<PathBuf, Error> {
+/// The canonical path of the guest's root directory, checked to be a directory holding (if
+/// `with_proc`) a `proc` directory.
+fn guest_root(rootfs: &Path, with_proc: bool) -> Result<PathBuf, Error> {
     let root = fs::canonicalize(rootfs)
         .ok()
         .filter(|root| root.is_dir())
         .ok_or_else(|| Error::NotADirectory {
             path: rootfs.to_owned(),
         })?;
+    if !with_proc {
+        return Ok(root);
+    }
     let proc = root.join("proc");
     if !fs::symlink_metadata(&proc).is_ok_and(|meta| meta.is_dir()) {
         return Err(Error::NoProc { path: proc });

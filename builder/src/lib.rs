@@ -21,7 +21,7 @@ pub use cache::{
     template_policy, versions,
 };
 pub use error::Error;
-pub use exec::{Exec, ExecOutput};
+pub use exec::{Exec, ExecOutput, exec_in_guest, guest_exec};
 pub use fetch::{
     CacheOptions, CacheStats, ClientStats, DEFAULT_MAX_BYTES, DownloadCache, MAX_URL_LEN,
 };

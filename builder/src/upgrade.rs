@@ -126,10 +126,16 @@ impl UpgradeReport {
 /// the package lists and files live in the run's cache, never in the guest.
 const UPGRADE_SCRIPT: &str = r#"
 export DEBIAN_FRONTEND=noninteractive APT_LISTCHANGES_FRONTEND=none LC_ALL=C
-set -- -o "Acquire::http::Proxy=$COWHERD_PROXY" -o Acquire::Retries=3
+# The proxy's address and token go to apt in a file only root reads, never on a command line.
+conf=/tmp/.cowherd-apt.conf.$$
+(umask 077 && printf 'Acquire::http::Proxy "%s";\nAcquire::Retries "3";\n' "$COWHERD_PROXY" > "$conf") || exit 90
+unset COWHERD_PROXY
+export APT_CONFIG="$conf"
+set --
 prc=/usr/sbin/policy-rc.d
 saved=
 clean() {
+    rm -f "$conf"
     rm -rf /var/lib/apt/lists/*_* /var/lib/apt/lists/partial/* /var/cache/apt/*.bin \
         /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*
     rm -f "$prc"
@@ -320,7 +326,7 @@ pub fn upgrade(
     for line in lines.values_mut() {
         if let Some(client) = stats.clients.get(&line.guest) {
             line.downloaded_bytes = client.upstream_bytes;
-            line.served_bytes = client.served_bytes;
+            line.served_bytes = client.bytes_served;
         }
     }
     drop(cache);
@@ -335,7 +341,7 @@ pub fn upgrade(
         dry_run: opts.dry_run,
         downloaded_bytes: stats.upstream_bytes,
         upstream_requests: stats.upstream_requests,
-        served_bytes: stats.clients.values().map(|c| c.served_bytes).sum(),
+        served_bytes: stats.clients.values().map(|c| c.bytes_served).sum(),
         disk_added_bytes: after.total.physical_bytes as i64 - before_total as i64,
         snapshot_bytes,
         guests,
@@ -489,7 +495,7 @@ fn run_job(job: &Job) -> Result<ExecOutput, Error> {
     let out = File::create(&job.log).map_err(io)?;
     let err = out.try_clone().map_err(io)?;
     let mut exec = Exec::new(
-        job.layers.target.clone(),
+        job.layers.target().to_path_buf(),
         job.hostname.clone(),
         ["sh", "-c", UPGRADE_SCRIPT, "cowherd-upgrade"],
     )

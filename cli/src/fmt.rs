@@ -32,6 +32,13 @@ pub fn ago(unix: i64) -> String {
 
 /// Prints rows as left-aligned columns (numbers right-aligned), with a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    for line in table_lines(header, rows) {
+        outln!("{line}");
+    }
+}
+
+/// The lines of [`table`], for another stream than stdout.
+pub fn table_lines(header: &[&str], rows: &[Vec<String>]) -> Vec<String> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -48,12 +55,14 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<w$}  "));
             }
         }
-        outln!("{}", out.trim_end());
+        out.trim_end().to_string()
     };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
+    let mut lines = vec![line(header.to_vec())];
+    lines.extend(
+        rows.iter()
+            .map(|row| line(row.iter().map(String::as_str).collect())),
+    );
+    lines
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ mod bars;
 #[macro_use]
 mod out;
 mod demo;
+mod exec_many;
 mod fmt;
 mod lifecycle;
 mod snapshots;
@@ -152,9 +153,25 @@ upper/ and work/ are empty. Then `cowherd unify GUEST` shares what can be shared
         #[arg(long)]
         json: bool,
     },
-    /// Run a command inside a mounted guest: pivot_root into its rootfs in new mount, PID, UTS
-    /// and IPC namespaces, its own /proc and hostname. Exits with the command's exit code
-    /// (128+N if signal N killed it), or 125 if cowherd could not start it.
+    /// Run a command inside a guest, or in several guests at once: pivot_root into its rootfs
+    /// in new mount, PID, UTS and IPC namespaces, its own /proc and hostname. One guest: exits
+    /// with the command's exit code (128+N if signal N killed it), or 125 if cowherd could not
+    /// start it. Several guests (or --all, --logs, --json): a summary; exits 0 if every command
+    /// exited 0, else 3.
+    ///
+    /// A guest that is not mounted is mounted for the command only: its overlay (base, upper,
+    /// work, as `cowherd mount` mounts it) is mounted inside the command's own mount namespace,
+    /// never on the host, and the kernel drops it when the command ends or cowherd dies. What
+    /// the command writes lands in the guest's upper layer either way. cowherd then holds the
+    /// root's lock until the commands ended, so no mount, fold or unify of the guest races it.
+    ///
+    /// Several guests: the command runs in each with standard input /dev/null, --jobs at a time;
+    /// each line it prints comes out prefixed with the guest's name (`web01 | …`) as it comes,
+    /// its standard output on cowherd's standard output and its standard error on cowherd's
+    /// standard error (or with --logs in DIR/GUEST.log). Then a summary on standard error: each
+    /// guest's exit code and seconds, or `error: …` where cowherd could not run the command
+    /// (--json: as JSON on standard output). An unknown guest or an unusable --logs is an error
+    /// before anything runs (exit 1).
     ///
     /// The guest's rootfs is the root of the command's own mount namespace and the host's root
     /// is detached from it: no `..`, chroot or /proc/1/root leads to a host path. The command
@@ -163,21 +180,19 @@ upper/ and work/ are empty. Then `cowherd unify GUEST` shares what can be shared
     /// device nodes, no open_by_handle_at, no kexec). /proc/sys, /proc/sysrq-trigger,
     /// /proc/irq, /proc/bus and /proc/fs are read-only (the host's kernel settings). It runs in
     /// a new session without a controlling terminal, so it cannot push input into the
-    /// caller's terminal (TIOCSTI); its standard input, output and error are still the
-    /// caller's, but Ctrl-C and Ctrl-Z reach cowherd, not the command (Ctrl-C kills both;
+    /// caller's terminal (TIOCSTI); with one guest its standard input, output and error are
+    /// still the caller's, but Ctrl-C and Ctrl-Z reach cowherd, not the command (Ctrl-C kills both;
     /// a shell inside has no job control).
-    #[command(after_help = "Example: cowherd exec web01 -- apt-get update\n\n\
+    #[command(after_help = "Examples:
+  cowherd exec web01 -- apt-get update
+  cowherd exec --all --jobs 4 -- sh -c 'apt-get update && apt-get -y upgrade'
+  cowherd exec web01 web02 --logs /var/log/cowherd-upgrade -- apt-get -y upgrade
+
 Still not a security boundary: there is no user namespace, so uid 0 inside is uid 0 on the \
 host's kernel. It can open any device node the guest tree holds; it is in the host's network, \
 can write to the caller's terminal, and has no seccomp filter. Run only what you would run as \
 root on the host. See SECURITY.md.")]
-    Exec {
-        /// The guest.
-        guest: String,
-        /// The command and its arguments, after `--`.
-        #[arg(last = true, required = true, value_name = "COMMAND")]
-        command: Vec<std::ffi::OsString>,
-    },
+    Exec(exec_many::ExecArgs),
     /// Keep a stopped guest's tree (folded first) as a read-only snapshot made of links;
     /// list and remove snapshots.
     Snapshot(snapshots::SnapshotArgs),
@@ -577,7 +592,7 @@ fn run(cli: Cli) -> Result<u8> {
     if !matches!(cli.command, Command::Demo { .. })
         && let Err(e) = check_root_path(&cli.root)
     {
-        if matches!(cli.command, Command::Exec { .. }) {
+        if matches!(&cli.command, Command::Exec(args) if args.single()) {
             eprintln!("error: {e:#}");
             return Ok(EXIT_EXEC_FAILED);
         }
@@ -639,19 +654,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Destroy { guest, json } => {
             lifecycle::destroy(&open(&cli.root, Access::Write)?, &guest, json)
         }
-        Command::Exec { guest, command } => {
-            let run = || -> Result<u8> {
-                let root = open(&cli.root, Access::Read)?;
-                let rootfs = cowherd_unify::mounted_rootfs(&root, &guest)?;
-                let record = cowherd_unify::guest_record(&root, &guest)?;
-                let out = cowherd_builder::Exec::new(rootfs, record.hostname(), command).run()?;
-                Ok(out.code.clamp(0, 255) as u8)
-            };
-            run().or_else(|e| {
-                eprintln!("error: {e:#}");
-                Ok(EXIT_EXEC_FAILED)
-            })
-        }
+        Command::Exec(args) => exec_many::run(&cli.root, args),
         Command::Snapshot(args) => {
             let access = if args.writes() {
                 Access::Write

@@ -129,6 +129,16 @@ pub enum Error {
         /// The guest.
         name: String,
     },
+    /// A private overlay was asked for on a root opened for reading only: mounting a guest's
+    /// layers needs the root's lock, so that no `mount`, `fold` or `unify` of the guest races it.
+    #[error(
+        "guest {name} is not mounted: running a command in it mounts its overlay privately, which \
+         needs the root's lock (the root was opened for reading only); run the command again"
+    )]
+    NeedsLock {
+        /// The guest.
+        name: String,
+    },
     /// A path overlayfs cannot take as a layer or mount point.
     #[error("{path}: {why}")]
     BadMountPath {

@@ -57,8 +57,8 @@ pub use manifest::{
 pub use memory::{MemoryObject, MemoryStats, memory_stats};
 pub use mountinfo::{MountEntry, parse_mountinfo, read_mountinfo};
 pub use overlay::{
-    Holder, MountOutcome, MountState, OVERLAY_OPTIONS, UmountOutcome, mount, mount_state,
-    mount_states, mounted_rootfs, systemd_unit, umount,
+    Holder, MountOutcome, MountState, OVERLAY_OPTIONS, OverlayLayers, UmountOutcome, mount,
+    mount_state, mount_states, mounted_rootfs, private_overlay, systemd_unit, umount,
 };
 pub use policy::{
     DEFAULT_POLICY_TOML, Marker, Policy, PolicyError, PolicyFile, Rule, load_policy_file,

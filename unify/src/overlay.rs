@@ -8,8 +8,9 @@
 //! upper layer stays a plain tree that `fold` can read).
 
 use std::ffi::OsString;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -17,10 +18,10 @@ use nix::mount::{MntFlags, MsFlags};
 use serde::Serialize;
 
 use crate::error::{Error, PathContext, Result};
-use crate::fsx;
+use crate::fsx::{self, Xattr};
 use crate::guest::{GuestPaths, GuestRecord, guest_record};
 use crate::mountinfo::{MountEntry, MountTable, Process, all_pids, overlay_layers};
-use crate::root::HostRoot;
+use crate::root::{Access, HostRoot};
 
 /// The options every guest overlay is mounted with, besides its layers.
 pub const OVERLAY_OPTIONS: &str = "index=off,metacopy=off,redirect_dir=off";
@@ -201,12 +202,19 @@ fn check_option_path(path: &Path) -> Result<()> {
 
 /// An overlay option string: `key=path` pairs, then [`OVERLAY_OPTIONS`].
 fn options(layers: &[(&str, &[&Path])]) -> Result<OsString> {
+    for p in layers.iter().flat_map(|(_, paths)| paths.iter()) {
+        check_option_path(p)?;
+    }
+    Ok(checked_options(layers))
+}
+
+/// [`options`] for paths [`check_option_path`] accepted.
+fn checked_options(layers: &[(&str, &[&Path])]) -> OsString {
     let mut data = Vec::new();
     for (key, paths) in layers {
         data.extend_from_slice(key.as_bytes());
         data.push(b'=');
         for (i, p) in paths.iter().enumerate() {
-            check_option_path(p)?;
             if i > 0 {
                 data.push(b':');
             }
@@ -215,7 +223,7 @@ fn options(layers: &[(&str, &[&Path])]) -> Result<OsString> {
         data.push(b',');
     }
     data.extend_from_slice(OVERLAY_OPTIONS.as_bytes());
-    Ok(OsString::from_vec(data))
+    OsString::from_vec(data)
 }
 
 /// The mount option string of a guest's overlay.
@@ -242,19 +250,32 @@ fn prepare(root: &HostRoot, record: &GuestRecord, paths: &GuestPaths) -> Result<
             fsx::ensure_dir(dir, mode)?;
         }
     }
-    if record.mount_point.is_none() && std::fs::symlink_metadata(&paths.mount_point).is_err() {
-        fsx::ensure_dir(&paths.mount_point, 0o755)?;
-    }
-    for dir in [&paths.base, &paths.upper, &paths.work] {
+    check_layers(root, &[&paths.base, &paths.upper, &paths.work])?;
+    match_root_metadata(root, paths)?;
+    prepare_mount_point(record, paths)
+}
+
+/// Checks that each of `dirs` is a real directory on the root's filesystem.
+fn check_layers(root: &HostRoot, dirs: &[&PathBuf]) -> Result<()> {
+    for dir in dirs {
         let st = fsx::lstat_path(dir)?;
         if !st.is_dir() {
-            return Err(Error::NotADirectory { path: dir.clone() });
+            return Err(Error::NotADirectory {
+                path: dir.to_path_buf(),
+            });
         }
         root.check_same_fs(&st, dir)?;
     }
-    match_root_metadata(root, paths)?;
-    // The mount point must be a real directory, reached through no symlink: mount(2) would
-    // follow one.
+    Ok(())
+}
+
+/// Makes the guest's `rootfs/` if missing (a recorded mount point is the runtime's to make)
+/// and checks that its mount point is a real directory, reached through no symlink: mount(2)
+/// would follow one.
+fn prepare_mount_point(record: &GuestRecord, paths: &GuestPaths) -> Result<()> {
+    if record.mount_point.is_none() && std::fs::symlink_metadata(&paths.mount_point).is_err() {
+        fsx::ensure_dir(&paths.mount_point, 0o755)?;
+    }
     let target = &paths.mount_point;
     let st = fsx::lstat_path(target)?;
     if !st.is_dir() {
@@ -270,10 +291,9 @@ fn prepare(root: &HostRoot, record: &GuestRecord, paths: &GuestPaths) -> Result<
     Ok(())
 }
 
-/// Gives a pristine upper layer (empty, never mounted: no `trusted.overlay.*` xattrs) the
-/// owner, mode, xattrs and mtime of base's root: the overlay shows its root directory with the
-/// upper root's metadata, and the guest must see its own.
-pub(crate) fn match_root_metadata(root: &HostRoot, paths: &GuestPaths) -> Result<()> {
+/// Whether the guest's upper layer is pristine (empty, never mounted: no `trusted.overlay.*`
+/// xattrs on its root), with the guest's directory and its upper layer open.
+fn pristine_upper(root: &HostRoot, paths: &GuestPaths) -> Result<(OwnedFd, OwnedFd, bool)> {
     let guest = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), paths.name.as_bytes())?;
     let upper = fsx::open_dir_beneath(guest.as_fd(), &paths.dir, b"upper")?;
     let pristine = fsx::read_names(upper.as_fd()).at(&paths.upper)?.is_empty()
@@ -281,6 +301,14 @@ pub(crate) fn match_root_metadata(root: &HostRoot, paths: &GuestPaths) -> Result
             .at(&paths.upper)?
             .iter()
             .any(|(k, _)| k.starts_with(fsx::OVERLAY_XATTR));
+    Ok((guest, upper, pristine))
+}
+
+/// Gives a pristine upper layer (empty, never mounted: no `trusted.overlay.*` xattrs) the
+/// owner, mode, xattrs and mtime of base's root: the overlay shows its root directory with the
+/// upper root's metadata, and the guest must see its own.
+pub(crate) fn match_root_metadata(root: &HostRoot, paths: &GuestPaths) -> Result<()> {
+    let (guest, upper, pristine) = pristine_upper(root, paths)?;
     if pristine {
         let base = fsx::open_dir_beneath(guest.as_fd(), &paths.dir, b"base")?;
         let st = fsx::fstat(&base).at(&paths.base)?;
@@ -288,6 +316,152 @@ pub(crate) fn match_root_metadata(root: &HostRoot, paths: &GuestPaths) -> Result
         fsx::set_dir_metadata(upper.as_fd(), &st, &xattrs).at(&paths.upper)?;
     }
     Ok(())
+}
+
+/// The owner, mode, xattrs and mtime the guest's overlay would show its root directory with:
+/// those of base's root for a pristine upper layer (which [`mount`] would give them), else
+/// those of the upper root. Read only.
+fn merged_root_metadata(root: &HostRoot, paths: &GuestPaths) -> Result<(fsx::Stat, Vec<Xattr>)> {
+    let (guest, upper, pristine) = pristine_upper(root, paths)?;
+    let (fd, shown) = if pristine {
+        let base = fsx::open_dir_beneath(guest.as_fd(), &paths.dir, b"base")?;
+        (base, &paths.base)
+    } else {
+        (upper, &paths.upper)
+    };
+    let st = fsx::fstat(&fd).at(shown)?;
+    let xattrs = fsx::xattrs_at(fd.as_fd(), b".").at(shown)?;
+    Ok((st, xattrs))
+}
+
+/// The layers of a guest's overlay for one command, to be mounted on [`target`](Self::target)
+/// inside that command's private mount namespace (see [`private_overlay`]): it is never
+/// mounted on the host, and goes away with the command's namespaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverlayLayers {
+    lower: Vec<PathBuf>,
+    upper: PathBuf,
+    work: PathBuf,
+    target: PathBuf,
+}
+
+impl OverlayLayers {
+    /// The layers, each path checked for the option string.
+    fn new(lower: Vec<PathBuf>, upper: PathBuf, work: PathBuf, target: PathBuf) -> Result<Self> {
+        for path in lower.iter().chain([&upper, &work, &target]) {
+            check_option_path(path)?;
+        }
+        Ok(Self {
+            lower,
+            upper,
+            work,
+            target,
+        })
+    }
+
+    /// The lower layers, top first.
+    pub fn lower(&self) -> &[PathBuf] {
+        &self.lower
+    }
+
+    /// The upper layer: where the command's changes go.
+    pub fn upper(&self) -> &Path {
+        &self.upper
+    }
+
+    /// The overlay's work directory.
+    pub fn work(&self) -> &Path {
+        &self.work
+    }
+
+    /// Where to mount it: the guest's mount point.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// The mount(2) data: `lowerdir=…,upperdir=…,workdir=…` and [`OVERLAY_OPTIONS`]. Its paths
+    /// hold no `,` `:` `\` or whitespace (checked when the layers were made).
+    pub fn mount_data(&self) -> OsString {
+        let lower: Vec<&Path> = self.lower.iter().map(PathBuf::as_path).collect();
+        checked_options(&[
+            ("lowerdir", &lower),
+            ("upperdir", &[&self.upper]),
+            ("workdir", &[&self.work]),
+        ])
+    }
+}
+
+/// Prepares guest `name`'s overlay for a mount private to one command (`cowherd exec` of an
+/// unmounted guest) and returns its layers; [`OverlayLayers::mount_data`] is the mount's data.
+/// The caller mounts it in a mount namespace of its own, made private first: the overlay is
+/// then never seen on the host, and the kernel drops it when the namespace ends.
+///
+/// Without `scratch`, the overlay is the guest's own (base, upper, work), prepared as [`mount`]
+/// prepares it: `upper/`, `work/` and `rootfs/` made if missing, a pristine upper layer given
+/// base's root metadata. With `scratch = Some(dir)`, it is a throwaway view: the guest's upper
+/// and base layers are both lower layers (the guest's upper layer is only read), and the upper
+/// and work directories are `dir/upper` and `dir/work`, made here (`dir` too if missing),
+/// 0700; `dir/upper`'s root then takes the metadata of the root the guest shows. Nothing the
+/// command does reaches the guest. Both must not exist yet; `dir` must be on a filesystem that
+/// can hold an overlay's upper layer, and should be reachable by root only (the command may
+/// write setuid files there).
+///
+/// # Errors
+/// [`Error::NeedsLock`] unless the root was opened with [`crate::Access::Write`] (its lock
+/// keeps `mount`, `fold` and `unify` of the guest from racing the command);
+/// [`Error::Mounted`], [`Error::MountInside`] or [`Error::InUse`] if the guest is in use in
+/// any mount namespace (a private overlay beside another mount of the same layers would be
+/// undefined); [`Error::BadMountPath`] for a path holding `,` `:` `\` or whitespace;
+/// [`Error::Symlink`], [`Error::NotADirectory`], [`Error::CrossFilesystem`], [`Error::Io`]
+/// (`dir/upper` or `dir/work` existing already among them).
+pub fn private_overlay(
+    root: &HostRoot,
+    name: &str,
+    scratch: Option<&Path>,
+) -> Result<OverlayLayers> {
+    let record = guest_record(root, name)?;
+    if root.access() != Access::Write {
+        return Err(Error::NeedsLock { name: name.into() });
+    }
+    let paths = GuestPaths::new(root, &record);
+    let table = MountTable::all().at("/proc/self/mountinfo")?;
+    crate::guest::check_offline(root, &record, &table)?;
+    let Some(dir) = scratch else {
+        let layers = OverlayLayers::new(
+            vec![paths.base.clone()],
+            paths.upper.clone(),
+            paths.work.clone(),
+            paths.mount_point.clone(),
+        )?;
+        prepare(root, &record, &paths)?;
+        return Ok(layers);
+    };
+    check_layers(root, &[&paths.base, &paths.upper])?;
+    prepare_mount_point(&record, &paths)?;
+    if std::fs::symlink_metadata(dir).is_err() {
+        fsx::ensure_dir(dir, 0o700)?;
+    }
+    let dir = std::fs::canonicalize(dir).at(dir)?;
+    let layers = OverlayLayers::new(
+        vec![paths.upper.clone(), paths.base.clone()],
+        dir.join("upper"),
+        dir.join("work"),
+        paths.mount_point.clone(),
+    )?;
+    let (st, xattrs) = merged_root_metadata(root, &paths)?;
+    for made in [&layers.upper, &layers.work] {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(made)
+            .at(made)?;
+    }
+    let upper = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(&layers.upper)
+        .at(&layers.upper)?;
+    fsx::set_dir_metadata(upper.as_fd(), &st, &xattrs).at(&layers.upper)?;
+    Ok(layers)
 }
 
 /// Mounts guest `name`'s overlay at its mount point (idempotent).
@@ -638,6 +812,33 @@ mod tests {
             mount_options(&odd),
             Err(Error::BadMountPath { .. })
         ));
+    }
+
+    #[test]
+    fn private_layers_name_each_lower_and_refuse_what_overlayfs_cannot_take() {
+        let path = PathBuf::from;
+        let layers = OverlayLayers::new(
+            vec![path("/g/upper"), path("/g/base")],
+            path("/s/upper"),
+            path("/s/work"),
+            path("/g/rootfs"),
+        )
+        .unwrap();
+        assert_eq!(
+            layers.mount_data(),
+            OsString::from(
+                "lowerdir=/g/upper:/g/base,upperdir=/s/upper,workdir=/s/work,index=off,metacopy=off,redirect_dir=off"
+            )
+        );
+        for bad in ["/s/a,b", "/s/a:b", "/s/a\\b", "/s/a b"] {
+            let made = OverlayLayers::new(
+                vec![path("/g/base")],
+                path(bad),
+                path("/s/work"),
+                path("/g/rootfs"),
+            );
+            assert!(matches!(made, Err(Error::BadMountPath { .. })), "{bad}");
+        }
     }
 
     #[test]

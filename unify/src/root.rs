@@ -227,6 +227,15 @@ impl HostRoot {
         fsx::open_dir_beneath(self.root_fd.as_fd(), &self.path, rel.as_os_str().as_bytes())
     }
 
+    /// How the root was opened: [`Access::Write`] holds its lock until the root is dropped.
+    pub fn access(&self) -> Access {
+        if self._lock.is_some() {
+            Access::Write
+        } else {
+            Access::Read
+        }
+    }
+
     /// The root's canonical path.
     pub fn path(&self) -> &Path {
         &self.path
