@@ -128,9 +128,8 @@ fn define_template(root: &Path) {
     let release = codename();
     let main = uri_for(&sources, &release);
     let security = uri_for(&sources, &format!("{release}-security"));
-    let list = format!(
-        "deb {main} {release}-updates main\\ndeb {security} {release}-security main\\n"
-    );
+    let list =
+        format!("deb {main} {release}-updates main\\ndeb {security} {release}-security main\\n");
     let text = format!(
         "description = \"the host's release without its updates, for the upgrade test\"\n\
          method = \"mmdebstrap\"\nsuite = \"{release}\"\nmirror = \"{main}\"\n\
@@ -146,7 +145,13 @@ fn packages_of(line: &Value) -> BTreeSet<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| format!("{} {}", p["name"].as_str().unwrap(), p["to"].as_str().unwrap()))
+        .map(|p| {
+            format!(
+                "{} {}",
+                p["name"].as_str().unwrap(),
+                p["to"].as_str().unwrap()
+            )
+        })
         .collect()
 }
 
@@ -176,7 +181,8 @@ fn package_files(root: &Path, g: &str, pkg: &str) -> Vec<String> {
     list.lines()
         .filter(|p| p.starts_with("/usr/"))
         .filter(|p| {
-            fs::symlink_metadata(base(root, g).join(&p[1..])).is_ok_and(|m| m.is_file() && m.len() > 0)
+            fs::symlink_metadata(base(root, g).join(&p[1..]))
+                .is_ok_and(|m| m.is_file() && m.len() > 0)
         })
         .map(String::from)
         .collect()
@@ -192,12 +198,26 @@ fn a_fleet_upgrade_fetches_each_package_once_shares_the_result_and_rolls_back_a_
     run_json(cowherd(&root).args(["template", "build", "upg", "--json"]));
     let guests = ["u01", "u02", "u03"];
     run_json(cowherd(&root).args([
-        "build", "--count", "3", "--prefix", "u", "--template", "upg", "--json",
+        "build",
+        "--count",
+        "3",
+        "--prefix",
+        "u",
+        "--template",
+        "upg",
+        "--json",
     ]));
     // A fourth guest whose dpkg was interrupted: apt refuses to upgrade it.
     run_json(cowherd(&root).args(["build", "broken", "--template", "upg", "--json"]));
     cowherd(&root)
-        .args(["exec", "broken", "--", "sh", "-c", "touch /var/lib/dpkg/updates/0001"])
+        .args([
+            "exec",
+            "broken",
+            "--",
+            "sh",
+            "-c",
+            "touch /var/lib/dpkg/updates/0001",
+        ])
         .assert()
         .success();
     let broken_before = merged_manifest(&root, "broken");
@@ -260,8 +280,10 @@ fn a_fleet_upgrade_fetches_each_package_once_shares_the_result_and_rolls_back_a_
     for p in &pending {
         let pkg = p.split(' ').next().unwrap();
         for f in package_files(&root, "u01", pkg).into_iter().take(5) {
-            let inodes: BTreeSet<(u64, u64)> =
-                guests.iter().map(|g| ino(&base(&root, g).join(&f[1..]))).collect();
+            let inodes: BTreeSet<(u64, u64)> = guests
+                .iter()
+                .map(|g| ino(&base(&root, g).join(&f[1..])))
+                .collect();
             assert_eq!(inodes.len(), 1, "{f} is not one inode in every guest");
             assert!(
                 store.contains_key(inodes.first().unwrap()),
@@ -285,7 +307,13 @@ fn a_fleet_upgrade_fetches_each_package_once_shares_the_result_and_rolls_back_a_
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| format!("{} {}", p["name"].as_str().unwrap(), p["to"].as_str().unwrap()))
+        .map(|p| {
+            format!(
+                "{} {}",
+                p["name"].as_str().unwrap(),
+                p["to"].as_str().unwrap()
+            )
+        })
         .collect();
     assert_eq!(tpl_pending, pending);
     run_json(cowherd(&root).args(["build", "fresh", "--template", "upg", "--json"]));

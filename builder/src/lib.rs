@@ -30,11 +30,11 @@ pub use import::{
     EXCLUDED, Fixups, GUEST_INTERFACES, GuestChanges, ImportError, ImportOptions, ImportReport,
     MASKED_UNITS, NEUTRAL_FSTAB, ORIG_SUFFIX, Source, apply_fixups, import,
 };
-pub use upgrade::{
-    GuestUpgrade, Outcome, PackageUpgrade, TemplateUpgrade, UpgradeOptions, UpgradeReport, parse_pending,
-    upgrade, upgrade_template,
-};
 pub use template::{
     Base, Bootstrapper, Location, Template, TemplateError, TemplateOrigin, TemplateSet,
     parse_template,
+};
+pub use upgrade::{
+    GuestUpgrade, Outcome, PackageUpgrade, TemplateUpgrade, UpgradeOptions, UpgradeReport,
+    parse_pending, upgrade, upgrade_template,
 };

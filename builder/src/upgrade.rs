@@ -272,7 +272,7 @@ pub fn upgrade(
                 line.seconds = begun.elapsed().as_secs_f64();
                 line.log = Some(job.log.clone());
                 lines.insert(name.clone(), line);
-                jobs.push(job);
+                jobs.push(*job);
             }
             Ok(Prepared::Skip(message)) => {
                 let mut line = blank(name);
@@ -333,10 +333,7 @@ pub fn upgrade(
     let _ = cowherd_unify::remove_below_root(root, &cache_rel(std::process::id()));
     let after = cowherd_unify::stats(root, 0)?;
     let snapshot_bytes = after.total.snapshot_bytes;
-    let guests: Vec<GuestUpgrade> = names
-        .iter()
-        .filter_map(|n| lines.remove(n))
-        .collect();
+    let guests: Vec<GuestUpgrade> = names.iter().filter_map(|n| lines.remove(n)).collect();
     Ok(UpgradeReport {
         dry_run: opts.dry_run,
         downloaded_bytes: stats.upstream_bytes,
@@ -406,7 +403,7 @@ fn blank(guest: &str) -> GuestUpgrade {
 
 enum Prepared {
     /// The job, the snapshot made (none when dry), the guest's physical bytes before.
-    Ready(Job, Option<String>, u64),
+    Ready(Box<Job>, Option<String>, u64),
     Skip(String),
 }
 
@@ -440,26 +437,34 @@ fn prepare(
         (None, 0)
     } else {
         let names = [name.to_string()];
-        cowherd_unify::unify(root, &names, &UnifyOptions::default(), &cowherd_unify::NoProgress)?;
+        cowherd_unify::unify(
+            root,
+            &names,
+            &UnifyOptions::default(),
+            &cowherd_unify::NoProgress,
+        )?;
         let before = guest_physical(root, name)?;
         let stem = format!("{}-pre-upgrade", utc_now());
-        let made = cowherd_unify::snapshot(root, name, Some(&free_snapshot_name(root, name, &stem)?), "upgrade")?;
+        let made = cowherd_unify::snapshot(
+            root,
+            name,
+            Some(&free_snapshot_name(root, name, &stem)?),
+            "upgrade",
+        )?;
         cowherd_unify::begin_attempt(root, name, &made.record.name, "upgrade")?;
         (Some(made.record.name), before)
     };
-    let scratch = opts
-        .dry_run
-        .then(|| cache_dir.join("dry").join(name));
+    let scratch = opts.dry_run.then(|| cache_dir.join("dry").join(name));
     let layers = cowherd_unify::private_overlay(root, name, scratch.as_deref())?;
     Ok(Prepared::Ready(
-        Job {
+        Box::new(Job {
             guest: name.to_string(),
             hostname: record.hostname().to_string(),
             layers,
             proxy: cache.proxy_url(name),
             dry_run: opts.dry_run,
             log: opts.log_dir.join(format!("{name}.log")),
-        },
+        }),
         snapshot,
         before,
     ))
@@ -548,7 +553,9 @@ fn settle(root: &HostRoot, opts: &UpgradeOptions, line: &mut GuestUpgrade, ran: 
     if let Some(failure) = failure {
         line.outcome = Outcome::Failed;
         line.rolled_back = true;
-        let undone = go_back(line).err().map(|e| format!("; going back failed: {e}"));
+        let undone = go_back(line)
+            .err()
+            .map(|e| format!("; going back failed: {e}"));
         line.message = Some(format!(
             "{failure}; the guest is as it was before (see {}){}",
             ran.log.display(),
@@ -569,22 +576,24 @@ fn settle(root: &HostRoot, opts: &UpgradeOptions, line: &mut GuestUpgrade, ran: 
         line.seconds += started.elapsed().as_secs_f64();
         return;
     }
-    let kept = cowherd_unify::keep_attempt(root, &name).map_err(Error::from).and_then(|_| {
-        let names = [name.clone()];
-        let unified = cowherd_unify::unify(
-            root,
-            &names,
-            &UnifyOptions::default(),
-            &cowherd_unify::NoProgress,
-        )?;
-        match unified.failures.first() {
-            Some(f) => Err(Error::Io {
-                path: root.guests_dir().join(&name),
-                error: std::io::Error::other(format!("not all shared again: {f}")),
-            }),
-            None => Ok(()),
-        }
-    });
+    let kept = cowherd_unify::keep_attempt(root, &name)
+        .map_err(Error::from)
+        .and_then(|_| {
+            let names = [name.clone()];
+            let unified = cowherd_unify::unify(
+                root,
+                &names,
+                &UnifyOptions::default(),
+                &cowherd_unify::NoProgress,
+            )?;
+            match unified.failures.first() {
+                Some(f) => Err(Error::Io {
+                    path: root.guests_dir().join(&name),
+                    error: std::io::Error::other(format!("not all shared again: {f}")),
+                }),
+                None => Ok(()),
+            }
+        });
     match kept.and_then(|()| guest_physical(root, &name)) {
         Ok(after) => {
             line.outcome = Outcome::Upgraded;
@@ -656,7 +665,12 @@ pub fn upgrade_template(
     })?;
     let tree_rel = staging.join("tree");
     let tree = cowherd_unify::Tree::create(root, &tree_rel)?;
-    cowherd_unify::clone_tree(root, &old.tree_rel(), &tree, cowherd_unify::CloneMode::CopyAll)?;
+    cowherd_unify::clone_tree(
+        root,
+        &old.tree_rel(),
+        &tree,
+        cowherd_unify::CloneMode::CopyAll,
+    )?;
     let cache_dir = root.path().join(cache_rel(std::process::id()));
     remove_stale_caches(root);
     make_private_dir(&cache_dir)?;

@@ -8,8 +8,8 @@ mod exec_many;
 mod fmt;
 mod lifecycle;
 mod snapshots;
-mod upgrade;
 mod templates;
+mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -666,9 +666,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Rollback(args) => {
             snapshots::rollback(&open(&cli.root, Access::Write)?, args, &bars)
         }
-        Command::Upgrade(args) => {
-            upgrade::upgrade(&open(&cli.root, Access::Write)?, args, &bars)
-        }
+        Command::Upgrade(args) => upgrade::upgrade(&open(&cli.root, Access::Write)?, args, &bars),
         Command::Template { command } => {
             let access = if command.writes() {
                 Access::Write

@@ -12,7 +12,8 @@ use crate::{EXIT_PARTIAL, Select, fmt, print_json};
 
 /// `cowherd upgrade`.
 #[derive(Args)]
-#[command(after_help = "Examples:\n  cowherd upgrade --all --dry-run\n  cowherd upgrade --all --jobs 4\n  \
+#[command(
+    after_help = "Examples:\n  cowherd upgrade --all --dry-run\n  cowherd upgrade --all --jobs 4\n  \
 cowherd upgrade web01 web02 --json\n\n\
 Each guest runs its own apt (its own sources and keys) in its overlay, mounted for the run in a \
 private mount namespace; every package list and package file is fetched once for all guests \
@@ -20,7 +21,8 @@ through a cache of this run (a proxy on 127.0.0.1, only for http:// sources; htt
 fetched by each guest). Service starts are refused while packages are upgraded (policy-rc.d); \
 the guest's changed configuration files are kept (--force-confold). Logs: one per guest, \
 $ROOT/logs/upgrade-TIME/GUEST.log unless --logs. Exit 0 when every guest was upgraded or up to \
-date, 3 when one failed (it is its snapshot again) or was skipped.")]
+date, 3 when one failed (it is its snapshot again) or was skipped."
+)]
 pub struct UpgradeArgs {
     #[command(flatten)]
     select: Select,
@@ -99,7 +101,14 @@ fn print_report(r: &UpgradeReport) {
         })
         .collect();
     fmt::table(
-        &["GUEST", "OUTCOME", "PACKAGES", "DOWNLOADED", "DISK ADDED", "SECONDS"],
+        &[
+            "GUEST",
+            "OUTCOME",
+            "PACKAGES",
+            "DOWNLOADED",
+            "DISK ADDED",
+            "SECONDS",
+        ],
         &rows,
     );
     for g in &r.guests {
