@@ -19,6 +19,12 @@ use serde_json::Value;
 
 use common::*;
 
+/// Every difference counts, directory mtimes too.
+const EXACT: CompareOpts = CompareOpts {
+    dir_mtimes: true,
+    allow_extra: false,
+};
+
 /// One `deb` source of the host: its URI and suites.
 #[derive(Debug)]
 struct HostSource {
@@ -240,7 +246,7 @@ fn a_fleet_upgrade_fetches_each_package_once_shares_the_result_and_rolls_back_a_
         assert_eq!(line_of(&dry_report, g)["outcome"], "would-upgrade");
     }
     for (g, before) in guests.iter().zip(&views_before) {
-        let (d, _) = compare_manifests(before, &merged_manifest(&root, g), CompareOpts::default());
+        let (d, _) = compare_manifests(before, &merged_manifest(&root, g), EXACT);
         assert!(d.is_empty(), "the dry run changed {g}: {d:?}");
     }
 
@@ -268,11 +274,7 @@ fn a_fleet_upgrade_fetches_each_package_once_shares_the_result_and_rolls_back_a_
     let broken = line_of(&report, "broken");
     assert_eq!(broken["outcome"], "failed", "{broken:#}");
     assert_eq!(broken["rolled_back"], true);
-    let (d, _) = compare_manifests(
-        &broken_before,
-        &merged_manifest(&root, "broken"),
-        CompareOpts::default(),
-    );
+    let (d, _) = compare_manifests(&broken_before, &merged_manifest(&root, "broken"), EXACT);
     assert!(d.is_empty(), "the failed upgrade changed broken: {d:?}");
     // The upgraded files are one store object in every guest.
     let store = store_inodes(&root);

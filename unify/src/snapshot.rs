@@ -677,11 +677,12 @@ pub fn abandon_attempt(root: &HostRoot, guest: &str) -> Result<()> {
     let gshown = root.guests_dir().join(guest);
     let doomed = ".upper.abandoned";
     store::remove_guest_tree(root, gdir.as_fd(), &gshown, doomed.as_bytes())?;
-    // The empty upper gets the old one's top metadata (what the guest sees as `/`).
-    let upper = fsx::open_dir_beneath(gdir.as_fd(), &gshown, b"upper")?;
-    let st = fsx::fstat(&upper).at(gshown.join("upper"))?;
-    let xattrs: Vec<_> = fsx::xattrs_at(upper.as_fd(), b".")
-        .at(gshown.join("upper"))?
+    // The empty upper gets base's top metadata: the snapshot's `/` (the change may have
+    // touched the old upper's top).
+    let base = fsx::open_dir_beneath(gdir.as_fd(), &gshown, b"base")?;
+    let st = fsx::fstat(&base).at(gshown.join("base"))?;
+    let xattrs: Vec<_> = fsx::xattrs_at(base.as_fd(), b".")
+        .at(gshown.join("base"))?
         .into_iter()
         .filter(|(k, _)| !k.starts_with(b"trusted.overlay."))
         .collect();
