@@ -533,8 +533,9 @@ struct Cloner<'a> {
     mode: CloneMode,
     src_path: PathBuf,
     dest_path: PathBuf,
-    /// Source inodes with several links, to the first path they were cloned to.
-    inodes: HashMap<u64, Vec<u8>>,
+    /// Source inodes with several links, to the first path they were cloned to and whether
+    /// that path is a copy (not a link of the source inode).
+    inodes: HashMap<u64, (Vec<u8>, bool)>,
     /// Copies, and in [`CloneMode::LinkAll`] directories, that get the source's inode flags
     /// once the whole tree is cloned (a flag such as `+i` would stop the other paths of its
     /// hardlink group being linked to the copy, or entries being made in the directory).
@@ -607,9 +608,10 @@ impl Cloner<'_> {
         };
         if st.nlink > 1
             && object.is_none()
-            && let Some(first) = self.inodes.get(&st.ino)
+            && let Some((first, first_copied)) = self.inodes.get(&st.ino)
         {
             // Another path of a hardlink group already cloned: link to it.
+            let first_copied = *first_copied;
             let (parent, first_name) = fsx::split_parent(first);
             let dir = fsx::open_dir_beneath(self.base, &self.dest_path, parent)?;
             nix::unistd::linkat(
@@ -622,9 +624,20 @@ impl Cloner<'_> {
             .at(&dest_shown)?;
             if kind == libc::S_IFREG {
                 self.report.files += 1;
+                // In a link clone this path, like the first, is a link of the source inode or
+                // a path of its copy (whose bytes are counted once).
+                if self.mode == CloneMode::LinkAll {
+                    if first_copied {
+                        self.report.copied += 1;
+                    } else {
+                        self.report.linked += 1;
+                        self.report.linked_own += 1;
+                    }
+                }
             }
             return Ok(());
         }
+        let copied_before = self.report.copied;
         match kind {
             libc::S_IFREG => self.file(src, dest, name, rel, &st, object.as_deref())?,
             libc::S_IFLNK => {
@@ -647,7 +660,8 @@ impl Cloner<'_> {
             }
         }
         if st.nlink > 1 && object.is_none() {
-            self.inodes.insert(st.ino, rel.clone());
+            let copied = self.report.copied > copied_before;
+            self.inodes.insert(st.ino, (rel.clone(), copied));
         }
         Ok(())
     }
