@@ -78,7 +78,9 @@ pub struct SnapshotInfo {
     pub record: SnapshotRecord,
     /// Regular files (paths) of its tree.
     pub files: u64,
-    /// Allocated bytes of the inodes only this snapshot links (what removing it frees).
+    /// Allocated bytes of the inodes only this snapshot links, store objects that nothing else
+    /// but the store's own name links among them (what removing it frees, the objects with the
+    /// next `gc`).
     pub alone_bytes: u64,
 }
 
@@ -344,7 +346,7 @@ pub fn snapshots(root: &HostRoot, guest: &str) -> Result<Vec<SnapshotInfo>> {
     snapshot_records(root, guest)?
         .into_iter()
         .map(|record| {
-            let usage = usage(&[dir.join(&record.name).join(TREE)])?;
+            let usage = usage(root, &[dir.join(&record.name).join(TREE)])?;
             Ok(SnapshotInfo {
                 guest: guest.to_string(),
                 record,
@@ -366,7 +368,7 @@ pub fn snapshot_usage(root: &HostRoot, guest: &str) -> Result<(u64, u64)> {
         .iter()
         .map(|r| dir.join(&r.name).join(TREE))
         .collect();
-    Ok((trees.len() as u64, usage(&trees)?.alone_bytes))
+    Ok((trees.len() as u64, usage(root, &trees)?.alone_bytes))
 }
 
 /// Files and alone-held bytes of a set of trees.
@@ -376,9 +378,11 @@ struct Usage {
 }
 
 /// Walks `trees` (no symlink followed, no mount crossed) counting each regular file's
-/// inode's links in them: an inode all of whose links are there is held by them alone.
-fn usage(trees: &[PathBuf]) -> Result<Usage> {
-    let mut inodes: HashMap<(u64, u64), (u64, u64, u64)> = HashMap::new();
+/// inode's links in them: an inode all of whose links are there is held by them alone, and so
+/// is a store object all of whose links but the store's own name are there (`gc` removes it
+/// once they are gone).
+fn usage(root: &HostRoot, trees: &[PathBuf]) -> Result<Usage> {
+    let mut inodes: HashMap<(u64, u64), (u64, fsx::Stat)> = HashMap::new();
     let mut files = 0;
     for tree in trees {
         let fd = fsx::open_dir(tree)?;
@@ -387,11 +391,7 @@ fn usage(trees: &[PathBuf]) -> Result<Usage> {
             match visit {
                 fsx::Visit::File(_, st) => {
                     files += 1;
-                    let seen =
-                        inodes
-                            .entry((st.dev, st.ino))
-                            .or_insert((0, st.nlink, st.blocks * 512));
-                    seen.0 += 1;
+                    inodes.entry((st.dev, st.ino)).or_insert((0, st)).0 += 1;
                 }
                 fsx::Visit::Error { rel, error, .. } => {
                     failed = Some(Error::Io {
@@ -408,11 +408,14 @@ fn usage(trees: &[PathBuf]) -> Result<Usage> {
             return Err(e);
         }
     }
-    let alone_bytes = inodes
-        .values()
-        .filter(|(seen, nlink, _)| seen >= nlink)
-        .map(|(_, _, bytes)| bytes)
-        .sum();
+    let mut alone_bytes = 0;
+    for (seen, st) in inodes.values() {
+        let alone = *seen >= st.nlink
+            || (*seen + 1 == st.nlink && store::object_of_inode(root, st)?.is_some());
+        if alone {
+            alone_bytes += st.blocks * 512;
+        }
+    }
     Ok(Usage { files, alone_bytes })
 }
 
@@ -510,7 +513,7 @@ pub fn rollback(
             dry_run,
             restored: target.name,
             kept_as,
-            files: usage(&[root.path().join(&target_tree)])?.files,
+            files: usage(root, &[root.path().join(&target_tree)])?.files,
             seconds: started.elapsed().as_secs_f64(),
         });
     }
