@@ -170,7 +170,9 @@ fn save_record(record: &SnapshotRecord, path: &Path) -> Result<()> {
     fsx::write_atomic(path, text.as_bytes())
 }
 
-/// The records of guest `guest`'s snapshots, oldest first (by time, then name).
+/// The records of guest `guest`'s snapshots, oldest first: by their time, and within one second
+/// by when each directory was put in place (its ctime: the rename that completed it; nothing
+/// changes a snapshot's directory after), then by name.
 ///
 /// # Errors
 /// [`Error::NoSuchGuest`], I/O errors, a damaged record.
@@ -193,11 +195,14 @@ pub fn snapshot_records(root: &HostRoot, guest: &str) -> Result<Vec<SnapshotReco
         }
         let record = load_record(&entry.path().join(RECORD))?;
         if record.name == name {
-            found.push(record);
+            let st = entry.metadata().at(entry.path())?;
+            found.push((record, (st.ctime(), st.ctime_nsec())));
         }
     }
-    found.sort_by(|a, b| (a.created_unix, &a.name).cmp(&(b.created_unix, &b.name)));
-    Ok(found)
+    found.sort_by(|(a, a_put), (b, b_put)| {
+        (a.created_unix, a_put, &a.name).cmp(&(b.created_unix, b_put, &b.name))
+    });
+    Ok(found.into_iter().map(|(record, _)| record).collect())
 }
 
 /// A name for a new snapshot of `guest`: `stem`, or `stem-2`, `stem-3`… if taken.
