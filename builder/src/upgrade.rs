@@ -238,8 +238,9 @@ struct Job {
 ///    mounted in a private mount namespace (or, dry, over a throwaway upper), output to its log.
 /// 4. As each ends, on this thread: failed → the attempt abandoned (the guest is its snapshot),
 ///    the snapshot removed; nothing upgraded → the same (the guest is exactly as before);
-///    upgraded → the attempt kept (folded into base) and the guest unified, so its upgraded
-///    files that other guests (or a template) hold too are their store objects again.
+///    upgraded → the attempt kept (folded into base).
+/// 5. One unify of every stopped guest together, so that the files the guests upgraded alike
+///    (or that a template or an earlier run holds) are one store object again.
 ///
 /// # Errors
 /// Starting the cache or the log directory, index errors; one guest's failure is in its line
@@ -322,6 +323,9 @@ pub fn upgrade(
         }
     });
     progress.finish();
+    if !opts.dry_run && lines.values().any(|l| l.outcome == Outcome::Upgraded) {
+        reshare(root, &mut lines)?;
+    }
     let stats = cache.stats();
     for line in lines.values_mut() {
         if let Some(client) = stats.clients.get(&line.guest) {
@@ -576,36 +580,51 @@ fn settle(root: &HostRoot, opts: &UpgradeOptions, line: &mut GuestUpgrade, ran: 
         line.seconds += started.elapsed().as_secs_f64();
         return;
     }
-    let kept = cowherd_unify::keep_attempt(root, &name)
-        .map_err(Error::from)
-        .and_then(|_| {
-            let names = [name.clone()];
-            let unified = cowherd_unify::unify(
-                root,
-                &names,
-                &UnifyOptions::default(),
-                &cowherd_unify::NoProgress,
-            )?;
-            match unified.failures.first() {
-                Some(f) => Err(Error::Io {
-                    path: root.guests_dir().join(&name),
-                    error: std::io::Error::other(format!("not all shared again: {f}")),
-                }),
-                None => Ok(()),
-            }
-        });
-    match kept.and_then(|()| guest_physical(root, &name)) {
-        Ok(after) => {
-            line.outcome = Outcome::Upgraded;
-            line.disk_added_bytes += after as i64;
-        }
+    match cowherd_unify::keep_attempt(root, &name) {
+        // Shared again, and its disk counted, by the unify of the whole fleet at the end.
+        Ok(_) => line.outcome = Outcome::Upgraded,
         Err(e) => {
             line.outcome = Outcome::Failed;
-            line.message = Some(format!("upgraded, but: {e}"));
+            line.message = Some(format!(
+                "upgraded, but not folded into base: {e} (`cowherd fold {name}` finishes it)"
+            ));
             line.disk_added_bytes = 0;
         }
     }
     line.seconds += started.elapsed().as_secs_f64();
+}
+
+/// Step 5 of [`upgrade`]: one unify of every stopped guest (the upgraded ones and those they
+/// may now share with), so that a file the guests upgraded alike is one store object —
+/// across runs too — then each upgraded guest's disk figure.
+fn reshare(root: &HostRoot, lines: &mut BTreeMap<String, GuestUpgrade>) -> Result<(), Error> {
+    let mut offline = Vec::new();
+    for name in cowherd_unify::guest_names(root)? {
+        if cowherd_unify::mount_state(root, &name)? == MountState::Unmounted
+            && cowherd_unify::ensure_offline(root, &name).is_ok()
+        {
+            offline.push(name);
+        }
+    }
+    let unified = cowherd_unify::unify(
+        root,
+        &offline,
+        &UnifyOptions::default(),
+        &cowherd_unify::NoProgress,
+    )?;
+    let stats = cowherd_unify::stats(root, 0)?;
+    for line in lines.values_mut() {
+        if line.outcome != Outcome::Upgraded {
+            continue;
+        }
+        if let Some(f) = unified.failures.iter().find(|f| f.guest == line.guest) {
+            line.message = Some(format!("upgraded, but not all shared again: {f}"));
+        }
+        if let Some(g) = stats.guests.iter().find(|g| g.name == line.guest) {
+            line.disk_added_bytes += g.physical_bytes as i64;
+        }
+    }
+    Ok(())
 }
 
 /// What `cowherd template upgrade` did.

@@ -32,7 +32,8 @@ pub enum CloneMode {
     /// Every file is a new link to the source's inode (a snapshot of a guest, a rollback to
     /// one): the trees share every inode, and neither is ever changed in place. A file that
     /// cannot be linked — it carries the guest's own immutable or append-only flag, or its
-    /// inode is at the link limit — is copied, its inode flags with it.
+    /// inode is at the link limit — is copied, its inode flags with it. Directories, made anew,
+    /// get the source's inode flags too.
     LinkAll,
 }
 
@@ -352,8 +353,9 @@ pub fn rename_below_root(root: &HostRoot, from: &Path, to: &Path) -> Result<()> 
 /// for that, journalled, and set again); past the link limit, or in [`CloneMode::CopyAll`], it
 /// is copied (holes kept). In [`CloneMode::LinkAll`] every regular file is linked to its
 /// source inode; one that carries the guest's immutable or append-only flag (no link can be
-/// made to it) is copied, and its copy gets the source's flags once the whole tree is done. A
-/// directory gets its metadata after its entries, so its mtime is the source's.
+/// made to it) is copied, and its copy gets the source's flags once the whole tree is done, as
+/// does every directory whose source carries flags. A directory gets its metadata after its
+/// entries, so its mtime is the source's.
 ///
 /// # Errors
 /// I/O and index errors, naming the path.
@@ -531,10 +533,12 @@ struct Cloner<'a> {
     mode: CloneMode,
     src_path: PathBuf,
     dest_path: PathBuf,
-    /// Source inodes with several links, to the first path they were cloned to.
-    inodes: HashMap<u64, Vec<u8>>,
-    /// Copies that get the source's inode flags once the whole tree is cloned (a flag such as
-    /// `+i` would stop the other paths of its hardlink group being linked to the copy).
+    /// Source inodes with several links, to the first path they were cloned to and whether
+    /// that path is a copy (not a link of the source inode).
+    inodes: HashMap<u64, (Vec<u8>, bool)>,
+    /// Copies, and in [`CloneMode::LinkAll`] directories, that get the source's inode flags
+    /// once the whole tree is cloned (a flag such as `+i` would stop the other paths of its
+    /// hardlink group being linked to the copy, or entries being made in the directory).
     flagged: Vec<(Vec<u8>, libc::c_long)>,
     report: CloneReport,
 }
@@ -582,7 +586,17 @@ impl Cloner<'_> {
             let to = fsx::open_dir_beneath(dest, &fsx::join(&self.dest_path, parent), name)?;
             self.dir(from.as_fd(), to.as_fd(), rel)?;
             let xattrs = fsx::xattrs_at(from.as_fd(), b".").at(&shown)?;
-            return fsx::set_dir_metadata(to.as_fd(), &st, &xattrs).at(&dest_shown);
+            fsx::set_dir_metadata(to.as_fd(), &st, &xattrs).at(&dest_shown)?;
+            if self.mode == CloneMode::LinkAll {
+                // The guest's own `chattr +a`/`+i` of a directory (a fold put it on base's
+                // inode) is part of its tree: the snapshot's directory gets it too, once the
+                // whole tree is cloned (an append-only directory keeps no rename or unlink out).
+                let flags = crate::sys::user_flags(&from).at(&shown)?;
+                if flags != 0 {
+                    self.flagged.push((rel.clone(), libc::c_long::from(flags)));
+                }
+            }
+            return Ok(());
         }
         // A store object's paths are separate files that merely share content (often of
         // unrelated packages): each is linked to the object or copied on its own, never
@@ -594,9 +608,10 @@ impl Cloner<'_> {
         };
         if st.nlink > 1
             && object.is_none()
-            && let Some(first) = self.inodes.get(&st.ino)
+            && let Some((first, first_copied)) = self.inodes.get(&st.ino)
         {
             // Another path of a hardlink group already cloned: link to it.
+            let first_copied = *first_copied;
             let (parent, first_name) = fsx::split_parent(first);
             let dir = fsx::open_dir_beneath(self.base, &self.dest_path, parent)?;
             nix::unistd::linkat(
@@ -609,9 +624,20 @@ impl Cloner<'_> {
             .at(&dest_shown)?;
             if kind == libc::S_IFREG {
                 self.report.files += 1;
+                // In a link clone this path, like the first, is a link of the source inode or
+                // a path of its copy (whose bytes are counted once).
+                if self.mode == CloneMode::LinkAll {
+                    if first_copied {
+                        self.report.copied += 1;
+                    } else {
+                        self.report.linked += 1;
+                        self.report.linked_own += 1;
+                    }
+                }
             }
             return Ok(());
         }
+        let copied_before = self.report.copied;
         match kind {
             libc::S_IFREG => self.file(src, dest, name, rel, &st, object.as_deref())?,
             libc::S_IFLNK => {
@@ -634,7 +660,8 @@ impl Cloner<'_> {
             }
         }
         if st.nlink > 1 && object.is_none() {
-            self.inodes.insert(st.ino, rel.clone());
+            let copied = self.report.copied > copied_before;
+            self.inodes.insert(st.ino, (rel.clone(), copied));
         }
         Ok(())
     }
@@ -726,7 +753,8 @@ impl Cloner<'_> {
         Ok(())
     }
 
-    /// Sets the inode flags of the copies [`CloneMode::LinkAll`] made of flagged files.
+    /// Sets the inode flags of the copies [`CloneMode::LinkAll`] made of flagged files, and of
+    /// its flagged directories.
     fn set_copied_flags(&mut self) -> Result<()> {
         for (rel, flags) in std::mem::take(&mut self.flagged) {
             let shown = fsx::join(&self.dest_path, &rel);

@@ -34,7 +34,8 @@ pub struct GuestStats {
     pub last_unify: Option<i64>,
     /// Its snapshots (counted apart: none of the figures above includes them).
     pub snapshots: u64,
-    /// Allocated bytes only its snapshots hold (what removing them all would free).
+    /// Allocated bytes only its snapshots hold, store objects only they link among them (what
+    /// removing them all would free, the objects with the next `gc`).
     pub snapshot_bytes: u64,
 }
 

@@ -78,7 +78,9 @@ pub struct SnapshotInfo {
     pub record: SnapshotRecord,
     /// Regular files (paths) of its tree.
     pub files: u64,
-    /// Allocated bytes of the inodes only this snapshot links (what removing it frees).
+    /// Allocated bytes of the inodes only this snapshot links, store objects that nothing else
+    /// but the store's own name links among them (what removing it frees, the objects with the
+    /// next `gc`).
     pub alone_bytes: u64,
 }
 
@@ -168,7 +170,9 @@ fn save_record(record: &SnapshotRecord, path: &Path) -> Result<()> {
     fsx::write_atomic(path, text.as_bytes())
 }
 
-/// The records of guest `guest`'s snapshots, oldest first (by time, then name).
+/// The records of guest `guest`'s snapshots, oldest first: by their time, and within one second
+/// by when each directory was put in place (its ctime: the rename that completed it; nothing
+/// changes a snapshot's directory after), then by name.
 ///
 /// # Errors
 /// [`Error::NoSuchGuest`], I/O errors, a damaged record.
@@ -191,11 +195,14 @@ pub fn snapshot_records(root: &HostRoot, guest: &str) -> Result<Vec<SnapshotReco
         }
         let record = load_record(&entry.path().join(RECORD))?;
         if record.name == name {
-            found.push(record);
+            let st = entry.metadata().at(entry.path())?;
+            found.push((record, (st.ctime(), st.ctime_nsec())));
         }
     }
-    found.sort_by(|a, b| (a.created_unix, &a.name).cmp(&(b.created_unix, &b.name)));
-    Ok(found)
+    found.sort_by(|(a, a_put), (b, b_put)| {
+        (a.created_unix, a_put, &a.name).cmp(&(b.created_unix, b_put, &b.name))
+    });
+    Ok(found.into_iter().map(|(record, _)| record).collect())
 }
 
 /// A name for a new snapshot of `guest`: `stem`, or `stem-2`, `stem-3`… if taken.
@@ -344,7 +351,7 @@ pub fn snapshots(root: &HostRoot, guest: &str) -> Result<Vec<SnapshotInfo>> {
     snapshot_records(root, guest)?
         .into_iter()
         .map(|record| {
-            let usage = usage(&[dir.join(&record.name).join(TREE)])?;
+            let usage = usage(root, &[dir.join(&record.name).join(TREE)])?;
             Ok(SnapshotInfo {
                 guest: guest.to_string(),
                 record,
@@ -366,7 +373,7 @@ pub fn snapshot_usage(root: &HostRoot, guest: &str) -> Result<(u64, u64)> {
         .iter()
         .map(|r| dir.join(&r.name).join(TREE))
         .collect();
-    Ok((trees.len() as u64, usage(&trees)?.alone_bytes))
+    Ok((trees.len() as u64, usage(root, &trees)?.alone_bytes))
 }
 
 /// Files and alone-held bytes of a set of trees.
@@ -376,9 +383,11 @@ struct Usage {
 }
 
 /// Walks `trees` (no symlink followed, no mount crossed) counting each regular file's
-/// inode's links in them: an inode all of whose links are there is held by them alone.
-fn usage(trees: &[PathBuf]) -> Result<Usage> {
-    let mut inodes: HashMap<(u64, u64), (u64, u64, u64)> = HashMap::new();
+/// inode's links in them: an inode all of whose links are there is held by them alone, and so
+/// is a store object all of whose links but the store's own name are there (`gc` removes it
+/// once they are gone).
+fn usage(root: &HostRoot, trees: &[PathBuf]) -> Result<Usage> {
+    let mut inodes: HashMap<(u64, u64), (u64, fsx::Stat)> = HashMap::new();
     let mut files = 0;
     for tree in trees {
         let fd = fsx::open_dir(tree)?;
@@ -387,11 +396,7 @@ fn usage(trees: &[PathBuf]) -> Result<Usage> {
             match visit {
                 fsx::Visit::File(_, st) => {
                     files += 1;
-                    let seen =
-                        inodes
-                            .entry((st.dev, st.ino))
-                            .or_insert((0, st.nlink, st.blocks * 512));
-                    seen.0 += 1;
+                    inodes.entry((st.dev, st.ino)).or_insert((0, st)).0 += 1;
                 }
                 fsx::Visit::Error { rel, error, .. } => {
                     failed = Some(Error::Io {
@@ -408,11 +413,14 @@ fn usage(trees: &[PathBuf]) -> Result<Usage> {
             return Err(e);
         }
     }
-    let alone_bytes = inodes
-        .values()
-        .filter(|(seen, nlink, _)| seen >= nlink)
-        .map(|(_, _, bytes)| bytes)
-        .sum();
+    let mut alone_bytes = 0;
+    for (seen, st) in inodes.values() {
+        let alone = *seen >= st.nlink
+            || (*seen + 1 == st.nlink && store::object_of_inode(root, st)?.is_some());
+        if alone {
+            alone_bytes += st.blocks * 512;
+        }
+    }
     Ok(Usage { files, alone_bytes })
 }
 
@@ -510,7 +518,7 @@ pub fn rollback(
             dry_run,
             restored: target.name,
             kept_as,
-            files: usage(&[root.path().join(&target_tree)])?.files,
+            files: usage(root, &[root.path().join(&target_tree)])?.files,
             seconds: started.elapsed().as_secs_f64(),
         });
     }
