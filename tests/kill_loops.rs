@@ -1685,70 +1685,10 @@ fn a_killed_rollback_leaves_the_old_or_the_snapshot_tree_and_the_next_one_finish
 // upgrade
 // ---------------------------------------------------------------------------------------------
 
-/// Files the stub package manager rewrites at each upgrade.
-const STUB_FILES: usize = 30;
-
-/// The guests' `apt-get`: a stub with one package, `stub`, whose version is
-/// `/var/lib/stub/version`; `update` succeeds, `-s dist-upgrade` lists `stub` at the next
-/// version, and `dist-upgrade` rewrites [`STUB_FILES`] files one by one (each a new file renamed
-/// into place, as dpkg does) with the next version's content, then the version. So a kill
-/// mid-upgrade leaves a guest's upper layer with some files of each version: the mix a real
-/// half-done upgrade leaves, which the next writer must never let stand.
-const STUB_APT: &str = r#"#!/bin/sh
-sim=; up=
-for a in "$@"; do case "$a" in update) up=1;; -s) sim=1;; esac; done
-v=$(cat /var/lib/stub/version)
-n=$((v + 1))
-if [ -n "$up" ]; then echo "Hit:1 stub"; exit 0; fi
-if [ -n "$sim" ]; then echo "Inst stub [$v] ($n stub [all])"; exit 0; fi
-i=0
-while [ $i -lt 30 ]; do
-  printf 'stub package, version %s, file %s: %0300d\n' "$n" "$i" 0 > /usr/lib/stub/f$i.dpkg-new
-  mv /usr/lib/stub/f$i.dpkg-new /usr/lib/stub/f$i
-  i=$((i + 1))
-done
-echo "$n" > /var/lib/stub/version.dpkg-new
-mv /var/lib/stub/version.dpkg-new /var/lib/stub/version
-echo "Setting up stub ($n) ..."
-"#;
-
-/// The content of stub file `i` at version `v`, as [`STUB_APT`] writes it.
-fn stub_content(v: u64, i: usize) -> Vec<u8> {
-    format!("stub package, version {v}, file {i}: {:0300}\n", 0).into_bytes()
-}
-
-/// A guest tree for [`STUB_APT`]: the programs the upgrade's script and the stub run, the stub
-/// at version 1, and [`pkg_tree`]'s files.
+/// A guest tree for [`STUB_APT`]: [`stub_apt_tree`] and [`pkg_tree`]'s files.
 fn stub_guest(dir: &Path, host: &str) {
     pkg_tree(dir, "stubfleet", 10, 20, host);
-    minimal_userland(
-        dir,
-        &[
-            "/bin/sh",
-            "/bin/cat",
-            "/bin/rm",
-            "/bin/mv",
-            "/bin/chmod",
-            "/bin/grep",
-            "/bin/sed",
-        ],
-    );
-    let mut t = TreeBuilder::new(dir);
-    t.file_with(
-        "usr/bin/apt-get",
-        STUB_APT.as_bytes(),
-        0o755,
-        0,
-        0,
-        DEFAULT_MTIME,
-    )
-    .file("var/lib/stub/version", b"1\n")
-    .dir("usr/sbin", 0o755)
-    .dir("tmp", 0o1777);
-    for i in 0..STUB_FILES {
-        t.file(format!("usr/lib/stub/f{i}"), &stub_content(1, i));
-    }
-    t.finish();
+    stub_apt_tree(dir);
 }
 
 /// Guest `name`'s merged view is whole: the stub's files all of the version its version file
