@@ -229,7 +229,7 @@ struct Job {
 /// # Algorithm
 /// 1. The run's download cache starts: a proxy on 127.0.0.1 that fetches each URL from the
 ///    package sources once and serves it to every guest (`fetch.rs`), under
-///    `$ROOT/cache/upgrade-PID` (removed at the end; a killed run's is removed by the next).
+///    `$ROOT/cache/upgrade-PID` (removed at the end; a killed run's by the next writer).
 /// 2. Per guest, on this thread: skipped if mounted or in use (with the command that upgrades
 ///    it once stopped) or without `/usr/bin/apt-get`; else unified (the figures before), then
 ///    a snapshot (its fold first), and an attempt recorded: until it is kept, a killed run's
@@ -257,7 +257,6 @@ pub fn upgrade(
         .path()
         .join("cache")
         .join(format!("upgrade-{}", std::process::id()));
-    remove_stale_caches(root);
     make_private_dir(&cache_dir)?;
     let cache = DownloadCache::start(&cache_dir.join("http"))?;
     let before_total = cowherd_unify::stats(root, 0)?.total.physical_bytes;
@@ -352,28 +351,6 @@ pub fn upgrade(
 
 fn cache_rel(pid: u32) -> PathBuf {
     Path::new("cache").join(format!("upgrade-{pid}"))
-}
-
-/// Removes the caches of runs that are gone (killed): `cache/upgrade-PID` whose PID is not a
-/// running cowherd. A live run holds the root's lock, so any other is stale.
-fn remove_stale_caches(root: &HostRoot) {
-    let dir = root.path().join("cache");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("upgrade-"))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() {
-            let _ = cowherd_unify::remove_below_root(root, &cache_rel(pid));
-        }
-    }
 }
 
 fn make_private_dir(dir: &Path) -> Result<(), Error> {
@@ -691,7 +668,6 @@ pub fn upgrade_template(
         cowherd_unify::CloneMode::CopyAll,
     )?;
     let cache_dir = root.path().join(cache_rel(std::process::id()));
-    remove_stale_caches(root);
     make_private_dir(&cache_dir)?;
     let cache = DownloadCache::start(&cache_dir.join("http"))?;
     let io = |error| Error::Io {

@@ -28,7 +28,8 @@ use crate::store::{self, TEMP_PREFIX};
 /// * Objects whose immutable flag was cleared for linking get it back.
 /// * An object `verify --repair` renamed to its new key (a `rekey` journal row) gets its index
 ///   row renamed too, if the kill came between the two ([`rename_object_row`]).
-/// * `store/tmp` is emptied (unfinished copies, never linked anywhere).
+/// * `store/tmp` is emptied (unfinished copies, never linked anywhere), and `cache/` (a
+///   killed upgrade's downloads).
 ///
 /// # Errors
 /// Index errors and I/O errors other than "gone".
@@ -65,6 +66,14 @@ pub(crate) fn recover(root: &HostRoot) -> Result<()> {
     }
     if let Some(e) = store::restore_immutable(root)?.into_iter().next() {
         return Err(e);
+    }
+    // A killed upgrade's download cache (`cache/upgrade-PID`): a writer holds the lock, so
+    // no other run is using one.
+    if let Ok(entries) = std::fs::read_dir(root.path().join("cache")) {
+        for entry in entries.flatten() {
+            let rel = std::path::Path::new("cache").join(entry.file_name());
+            let _ = crate::create::remove_below_root(root, &rel);
+        }
     }
     let tmp = root.tmp_dir();
     for entry in std::fs::read_dir(&tmp).at(&tmp)? {
