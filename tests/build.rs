@@ -2,7 +2,6 @@
 //! and derived templates; errors; a killed template build or removal. (A killed `build --count`
 //! is in kill_loops.rs.)
 
-mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -17,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
-use common::*;
+use crate::common::*;
 
 /// The programs a tarball template carries, so that steps and `exec` can run in it.
 const USERLAND: [&str; 4] = ["/bin/sh", "/bin/cat", "/bin/ls", "/bin/hostname"];

@@ -1208,26 +1208,6 @@ fn mount_fold_folds_unifies_and_mounts() {
     umount_guest(&root, "a");
 }
 
-/// `chattr FLAGS PATH`, asserting success.
-fn chattr(flags: &str, p: &Path) {
-    let st = Command::new("chattr").arg(flags).arg(p).status().unwrap();
-    assert!(st.success(), "chattr {flags} {}", p.display());
-}
-
-/// Runs `chattr -R -f -i -a` over a directory on drop (before [`Scratch`] removes it, which
-/// clears only `i`).
-struct ClearFlagsOnDrop(PathBuf);
-
-impl Drop for ClearFlagsOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr")
-            .args(["-R", "-f", "-i", "-a"])
-            .arg(&self.0)
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 /// A guest's `chattr +i` / `chattr +a` on its files and directories is part of what it sees;
 /// overlayfs keeps it in upper as a `trusted.overlay.protattr` xattr, not as an inode flag.
 #[test]

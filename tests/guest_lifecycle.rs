@@ -556,12 +556,6 @@ fn an_exported_tarball_is_readable_by_root_only_and_never_written_through_a_syml
     assert_eq!(fs::read(&victim).unwrap(), b"keep");
 }
 
-/// `chattr FLAGS PATH`, asserting success.
-fn chattr(flags: &str, p: &Path) {
-    let st = Command::new("chattr").arg(flags).arg(p).status().unwrap();
-    assert!(st.success(), "chattr {flags} {}", p.display());
-}
-
 #[test]
 fn split_keeps_a_hardlink_group_of_the_guest_one_inode_with_its_flags() {
     assert_root();

@@ -81,11 +81,6 @@ struct Canaries {
     extra: Vec<PathBuf>,
 }
 
-fn chattr(flag: &str, p: &Path) {
-    let status = Command::new("chattr").arg(flag).arg(p).status().unwrap();
-    assert!(status.success(), "chattr {flag} {}", p.display());
-}
-
 fn host_canaries(s: &Scratch) -> Canaries {
     let dir = s.join("host");
     let mut t = TreeBuilder::new(&dir);

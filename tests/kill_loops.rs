@@ -14,7 +14,6 @@
 //! sees. Trees are small (hundreds to a few thousand small files): many kills on small trees.
 //! Each loop prints its seed; `COWHERD_KILL_SEED_<LOOP>=N` (named in the message) replays one.
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -33,7 +32,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
-use common::*;
+use crate::common::*;
 
 // ---------------------------------------------------------------------------------------------
 // The kill loop
@@ -1535,11 +1534,12 @@ fn a_killed_snapshot_leaves_the_view_and_every_snapshot_whole_and_the_next_one_f
     let other = views(&root, &["b"]);
     // The snapshots kept so far, with what each must show.
     let mut kept: BTreeMap<String, Manifest> = BTreeMap::new();
-    kill_loop(
+    kill_loop_n(
         "snapshot",
         "COWHERD_KILL_SEED_SNAPSHOT",
         &root,
         &s.join("logs"),
+        30,
         |r| {
             change_upper(&root, "a", r.n, PKGS);
             let view = merged_manifest(&root, "a");
@@ -1614,11 +1614,12 @@ fn a_killed_rollback_leaves_the_old_or_the_snapshot_tree_and_the_next_one_finish
         "the first snapshot",
     );
     let golden = manifest(&snapshot_tree(&root, "a", "golden"));
-    kill_loop(
+    kill_loop_n(
         "rollback",
         "COWHERD_KILL_SEED_ROLLBACK",
         &root,
         &s.join("logs"),
+        30,
         |r| {
             change_upper(&root, "a", r.n, PKGS);
             let before = merged_manifest(&root, "a");

@@ -84,25 +84,6 @@ fn listed_snapshot(root: &Path, guest: &str, name: &str) -> Value {
         .unwrap_or_else(|| panic!("no snapshot {name} of {guest} listed:\n{rows:#?}"))
 }
 
-fn chattr(flags: &str, p: &Path) {
-    let st = Command::new("chattr").arg(flags).arg(p).status().unwrap();
-    assert!(st.success(), "chattr {flags} {}", p.display());
-}
-
-/// Runs `chattr -R -f -i -a` over a directory on drop (before [`Scratch`] removes it, which
-/// clears only `i`): the guests' `chattr +a` copies live in snapshots.
-struct ClearFlagsOnDrop(PathBuf);
-
-impl Drop for ClearFlagsOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr")
-            .args(["-R", "-f", "-i", "-a"])
-            .arg(&self.0)
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 fn write(p: &Path, bytes: &[u8]) {
     fs::write(p, bytes).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
 }

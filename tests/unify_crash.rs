@@ -1,7 +1,6 @@
 //! SIGKILL at random instants of `unify` never changes what a guest sees, and the next run
 //! cleans up and finishes the job.
 
-mod common;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -15,7 +14,7 @@ use nix::unistd::Pid;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use common::*;
+use crate::common::*;
 
 /// Guests of a distribution's size in files (a minbase has about 7,000), small in bytes so
 /// that comparing every guest after every kill stays cheap: the first run reads more than one

@@ -14,26 +14,6 @@ use serde_json::Value;
 
 use common::*;
 
-/// `chattr FLAGS PATH`, asserting success.
-fn chattr(flags: &str, p: &Path) {
-    let st = Command::new("chattr").arg(flags).arg(p).status().unwrap();
-    assert!(st.success(), "chattr {flags} {}", p.display());
-}
-
-/// Runs `chattr -R -f -i -a` over a directory on drop (before [`Scratch`] removes it, which
-/// clears only `i`).
-struct ClearFlagsOnDrop(PathBuf);
-
-impl Drop for ClearFlagsOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr")
-            .args(["-R", "-f", "-i", "-a"])
-            .arg(&self.0)
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 /// The letters `lsattr` shows for the flags a guest sets, without the filesystem's own (`e`
 /// extents and the like): `"i"`, `"dA"`, `""`.
 fn guest_flags(p: &Path) -> String {

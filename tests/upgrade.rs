@@ -9,7 +9,6 @@
 //! here names a package registry. A host without them, or without network, fails the test
 //! loudly.
 
-mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -17,13 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use common::*;
-
-/// Every difference counts, directory mtimes too.
-const EXACT: CompareOpts = CompareOpts {
-    dir_mtimes: true,
-    allow_extra: false,
-};
+use crate::common::*;
 
 /// One `deb` source of the host: its URI and suites.
 #[derive(Debug)]
@@ -161,15 +154,6 @@ fn packages_of(line: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-fn line_of<'a>(report: &'a Value, guest: &str) -> &'a Value {
-    report["guests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["guest"] == guest)
-        .unwrap_or_else(|| panic!("no line for {guest} in {report:#}"))
-}
-
 /// Regular files of package `pkg` installed in guest `g` (from dpkg's list), below /usr.
 fn package_files(root: &Path, g: &str, pkg: &str) -> Vec<String> {
     let info = base(root, g).join("var/lib/dpkg/info");
@@ -235,15 +219,15 @@ fn a_fleet_upgrade_fetches_each_package_once_shares_the_result_and_rolls_back_a_
         .output()
         .unwrap();
     let dry_report = json_of(&dry);
-    let pending = packages_of(line_of(&dry_report, "u01"));
+    let pending = packages_of(report_line(&dry_report, "u01"));
     assert!(
         !pending.is_empty(),
         "the archive holds no pending upgrade for this template's packages: {dry_report:#}"
     );
     eprintln!("pending upgrades: {} packages: {pending:?}", pending.len());
     for g in guests {
-        assert_eq!(packages_of(line_of(&dry_report, g)), pending, "{g}");
-        assert_eq!(line_of(&dry_report, g)["outcome"], "would-upgrade");
+        assert_eq!(packages_of(report_line(&dry_report, g)), pending, "{g}");
+        assert_eq!(report_line(&dry_report, g)["outcome"], "would-upgrade");
     }
     for (g, before) in guests.iter().zip(&views_before) {
         let (d, _) = compare_manifests(before, &merged_manifest(&root, g), EXACT);
@@ -257,21 +241,23 @@ fn a_fleet_upgrade_fetches_each_package_once_shares_the_result_and_rolls_back_a_
     let report = json_of(&out);
     assert_eq!(out.status.code(), Some(3), "one guest fails: {report:#}");
     for g in guests {
-        let line = line_of(&report, g);
+        let line = report_line(&report, g);
         assert_eq!(line["outcome"], "upgraded", "{g}: {line:#}");
         assert_eq!(packages_of(line), pending, "{g}");
     }
     // Each package list and package file fetched once: all that was downloaded is what one
     // guest received (a tenth more for the broken guest's own refresh at most).
     let downloaded = report["downloaded_bytes"].as_u64().unwrap();
-    let one = line_of(&report, "u01")["served_bytes"].as_u64().unwrap();
+    let one = report_line(&report, "u01")["served_bytes"]
+        .as_u64()
+        .unwrap();
     assert!(one > 0, "{report:#}");
     assert!(
         downloaded as f64 <= one as f64 * 1.1,
         "downloaded {downloaded} bytes for a fleet that each received {one}: {report:#}"
     );
     // The broken guest is exactly its tree before.
-    let broken = line_of(&report, "broken");
+    let broken = report_line(&report, "broken");
     assert_eq!(broken["outcome"], "failed", "{broken:#}");
     assert_eq!(broken["rolled_back"], true);
     let (d, _) = compare_manifests(&broken_before, &merged_manifest(&root, "broken"), EXACT);
@@ -305,18 +291,7 @@ fn a_fleet_upgrade_fetches_each_package_once_shares_the_result_and_rolls_back_a_
     // The template follows: its next version shares the upgraded guests' objects.
     let up = run_json(cowherd(&root).args(["template", "upgrade", "upg", "--json"]));
     assert_eq!(up["built"]["record"]["version"], 2, "{up:#}");
-    let tpl_pending: BTreeSet<String> = up["packages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            format!(
-                "{} {}",
-                p["name"].as_str().unwrap(),
-                p["to"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let tpl_pending = packages_of(&up);
     assert_eq!(tpl_pending, pending);
     run_json(cowherd(&root).args(["build", "fresh", "--template", "upg", "--json"]));
     let mut shared = 0;

@@ -13,20 +13,6 @@ use serde_json::Value;
 
 use common::*;
 
-const EXACT: CompareOpts = CompareOpts {
-    dir_mtimes: true,
-    allow_extra: false,
-};
-
-fn line_of<'a>(report: &'a Value, guest: &str) -> &'a Value {
-    report["guests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["guest"] == guest)
-        .unwrap_or_else(|| panic!("no line for {guest} in {report:#}"))
-}
-
 /// A root with stub guests `names` (each with a file of its own), unified.
 fn stub_root(s: &Scratch, names: &[&str]) -> std::path::PathBuf {
     let root = init_root(s.path());
@@ -76,7 +62,7 @@ fn stub_guests_are_snapshotted_upgraded_and_share_the_upgraded_files() {
     let (dry, code) = upgrade(&root, &s, &["--all", "--dry-run"]);
     assert_eq!(code, 0, "{dry:#}");
     for (g, m) in names.iter().zip(&before) {
-        let line = line_of(&dry, g);
+        let line = report_line(&dry, g);
         assert_eq!(line["outcome"], "would-upgrade", "{line:#}");
         assert_eq!(line["packages"][0]["name"], "stub");
         assert_eq!(line["packages"][0]["from"], "1");
@@ -90,7 +76,7 @@ fn stub_guests_are_snapshotted_upgraded_and_share_the_upgraded_files() {
     assert_eq!(code, 0, "{report:#}");
     let store = store_inodes(&root);
     for g in names {
-        let line = line_of(&report, g);
+        let line = report_line(&report, g);
         assert_eq!(line["outcome"], "upgraded", "{line:#}");
         let snap = line["snapshot"].as_str().unwrap();
         let listed = run_json(cowherd(&root).args(["snapshot", "list", g, "--json"]));
@@ -158,8 +144,8 @@ fn a_failed_upgrade_leaves_the_guest_exactly_as_before_and_the_others_go_on() {
     let before = merged_manifest(&root, "bad");
     let (report, code) = upgrade(&root, &s, &["--all"]);
     assert_eq!(code, 3, "{report:#}");
-    assert_eq!(line_of(&report, "good")["outcome"], "upgraded");
-    let bad = line_of(&report, "bad");
+    assert_eq!(report_line(&report, "good")["outcome"], "upgraded");
+    let bad = report_line(&report, "bad");
     assert_eq!(bad["outcome"], "failed", "{bad:#}");
     assert_eq!(bad["rolled_back"], true);
     let message = bad["message"].as_str().unwrap();
@@ -206,7 +192,7 @@ fn mounted_and_foreign_guests_are_skipped_with_the_command_that_upgrades_them() 
         .assert()
         .success();
     assert_eq!(code, 3, "{report:#}");
-    let run = line_of(&report, "run");
+    let run = report_line(&report, "run");
     assert_eq!(run["outcome"], "skipped");
     assert!(
         run["message"]
@@ -215,10 +201,10 @@ fn mounted_and_foreign_guests_are_skipped_with_the_command_that_upgrades_them() 
             .contains("cowherd umount run && cowherd upgrade run"),
         "{run:#}"
     );
-    let other = line_of(&report, "other");
+    let other = report_line(&report, "other");
     assert_eq!(other["outcome"], "skipped");
     assert!(other["message"].as_str().unwrap().contains("apt-get"));
-    assert_eq!(line_of(&report, "idle")["outcome"], "upgraded");
+    assert_eq!(report_line(&report, "idle")["outcome"], "upgraded");
     assert_eq!(
         fs::read(base(&root, "run").join("var/lib/stub/version")).unwrap(),
         b"1\n"
@@ -275,10 +261,10 @@ fn a_hostile_package_manager_reaches_nothing_of_the_host() {
     let stolen = base(&root, "evil").join("usr/lib/stub/stolen");
     assert!(fs::read(&stolen).map_or(true, |b| b.is_empty()));
     // Its flood of package lines is read, bounded, and the guest is upgraded.
-    let evil = line_of(&report, "evil");
+    let evil = report_line(&report, "evil");
     assert_eq!(evil["outcome"], "upgraded");
     assert_eq!(evil["packages"].as_array().unwrap().len(), 3000);
-    assert_eq!(line_of(&report, "fine")["outcome"], "upgraded");
+    assert_eq!(report_line(&report, "fine")["outcome"], "upgraded");
     // Its symlink to / is a symlink in its own tree, never followed by the fold or unify.
     let link = base(&root, "evil").join("usr/lib/stub/host");
     assert!(

@@ -1784,3 +1784,47 @@ pub fn stub_apt_tree(dir: &Path) {
     }
     t.finish();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Inode flags and reports
+// ---------------------------------------------------------------------------------------------
+
+/// `chattr FLAGS PATH`, asserting success.
+pub fn chattr(flags: &str, p: &Path) {
+    let st = std::process::Command::new("chattr")
+        .arg(flags)
+        .arg(p)
+        .status()
+        .unwrap();
+    assert!(st.success(), "chattr {flags} {}", p.display());
+}
+
+/// Runs `chattr -R -f -i -a` over a directory on drop (before [`Scratch`] removes it, which
+/// clears only `i`).
+pub struct ClearFlagsOnDrop(pub PathBuf);
+
+impl Drop for ClearFlagsOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .args(["-R", "-f", "-i", "-a"])
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Every difference counts in [`compare_manifests`], directory mtimes too.
+pub const EXACT: CompareOpts = CompareOpts {
+    dir_mtimes: true,
+    allow_extra: false,
+};
+
+/// Guest `guest`'s line in a JSON report with a `guests` array (`upgrade --json`).
+pub fn report_line<'a>(report: &'a Value, guest: &str) -> &'a Value {
+    report["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["guest"] == guest)
+        .unwrap_or_else(|| panic!("no line for {guest} in {report:#}"))
+}

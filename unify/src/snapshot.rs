@@ -54,6 +54,7 @@ const TREE: &str = "tree";
 const MAKING: &str = ".making";
 const REMOVING: &str = ".removing";
 const ROLLBACK: &str = ".rollback";
+const ROLLBACK_NEW: &str = ".rollback.new";
 const PENDING: &str = "pending";
 
 /// What `snapshots/NAME/snapshot.toml` records.
@@ -528,15 +529,31 @@ pub fn rollback(
         created_unix: now,
         made_by: format!("rollback to {}", target.name),
     };
-    let clone = link_clone(root, &target_tree, guest, ROLLBACK, &record)?;
+    // `.rollback` is born with its `pending` (made as `.rollback.new`, then renamed): a
+    // `.rollback` without one was exchanged.
     let shown = snapshots_path(root, guest);
     let dir = snapshots_dir(root, guest)?;
-    let staged = fsx::open_dir_beneath(dir.as_fd(), &shown, ROLLBACK.as_bytes())?;
-    let clone_top = fsx::lstat_at(staged.as_fd(), TREE.as_bytes()).at(shown.join(ROLLBACK))?;
+    store::remove_guest_tree(root, dir.as_fd(), &shown, ROLLBACK_NEW.as_bytes())?;
+    nix::sys::stat::mkdirat(&dir, ROLLBACK_NEW, Mode::from_bits_truncate(0o700))
+        .at(shown.join(ROLLBACK_NEW))?;
+    let tree = Tree::create(root, &snapshots_rel(guest).join(ROLLBACK_NEW).join(TREE))?;
+    let top = fsx::lstat_path(tree.path())?;
     fsx::write_atomic(
-        &shown.join(ROLLBACK).join(PENDING),
-        format!("{}\n", clone_top.ino).as_bytes(),
+        &shown.join(ROLLBACK_NEW).join(PENDING),
+        format!("{}\n", top.ino).as_bytes(),
     )?;
+    nix::fcntl::renameat2(
+        &dir,
+        ROLLBACK_NEW,
+        &dir,
+        ROLLBACK,
+        RenameFlags::RENAME_NOREPLACE,
+    )
+    .at(shown.join(ROLLBACK))?;
+    let staged = fsx::open_dir_beneath(dir.as_fd(), &shown, ROLLBACK.as_bytes())?;
+    let tree = Tree::open(root, &snapshots_rel(guest).join(ROLLBACK).join(TREE))?;
+    let clone = clone_tree(root, &target_tree, &tree, CloneMode::LinkAll)?;
+    save_record(&record, &shown.join(ROLLBACK).join(RECORD))?;
     nix::unistd::syncfs(&dir).at(&shown)?;
     let gdir = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), guest.as_bytes())?;
     nix::fcntl::renameat2(&gdir, "base", &staged, TREE, RenameFlags::RENAME_EXCHANGE)
@@ -576,13 +593,7 @@ fn finish_rollback(root: &HostRoot, guest: &str) -> Result<()> {
     // it gets the restored tree's.
     let gdir = fsx::open_dir_beneath(root.guests_fd(), &root.guests_dir(), guest.as_bytes())?;
     let gshown = root.guests_dir().join(guest);
-    let base = fsx::open_dir_beneath(gdir.as_fd(), &gshown, b"base")?;
-    let st = fsx::fstat(&base).at(gshown.join("base"))?;
-    let xattrs: Vec<_> = fsx::xattrs_at(base.as_fd(), b".")
-        .at(gshown.join("base"))?
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(b"trusted.overlay."))
-        .collect();
+    let (st, xattrs) = base_top(&gdir, &gshown)?;
     let upper = fsx::open_dir_beneath(gdir.as_fd(), &gshown, b"upper")?;
     fsx::set_dir_metadata(upper.as_fd(), &st, &xattrs).at(gshown.join("upper"))?;
     let record = match load_record(&staged.join(RECORD)) {
@@ -617,6 +628,18 @@ fn finish_rollback(root: &HostRoot, guest: &str) -> Result<()> {
     )
     .at(shown.join(&name))?;
     nix::unistd::fsync(&gdir).at(gshown)
+}
+
+/// The metadata of the top of the base of the guest whose directory is `gdir` (shown as
+/// `gshown`): what the guest's `/` must show once its upper layer is empty.
+fn base_top(
+    gdir: &std::os::fd::OwnedFd,
+    gshown: &Path,
+) -> Result<(fsx::Stat, Vec<crate::fsx::Xattr>)> {
+    let base = fsx::open_dir_beneath(gdir.as_fd(), gshown, b"base")?;
+    let st = fsx::fstat(&base).at(gshown.join("base"))?;
+    let xattrs = fsx::xattrs_at(base.as_fd(), b".").at(gshown.join("base"))?;
+    Ok((st, xattrs))
 }
 
 /// What `attempt.toml` records.
@@ -687,13 +710,7 @@ pub fn abandon_attempt(root: &HostRoot, guest: &str) -> Result<()> {
     store::remove_guest_tree(root, gdir.as_fd(), &gshown, doomed.as_bytes())?;
     // The empty upper gets base's top metadata: the snapshot's `/` (the change may have
     // touched the old upper's top).
-    let base = fsx::open_dir_beneath(gdir.as_fd(), &gshown, b"base")?;
-    let st = fsx::fstat(&base).at(gshown.join("base"))?;
-    let xattrs: Vec<_> = fsx::xattrs_at(base.as_fd(), b".")
-        .at(gshown.join("base"))?
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(b"trusted.overlay."))
-        .collect();
+    let (st, xattrs) = base_top(&gdir, &gshown)?;
     nix::sys::stat::mkdirat(&gdir, doomed, Mode::from_bits_truncate(0o700))
         .at(gshown.join(doomed))?;
     let fresh = fsx::open_dir_beneath(gdir.as_fd(), &gshown, doomed.as_bytes())?;
@@ -741,7 +758,7 @@ pub(crate) fn recover_snapshots(root: &HostRoot) -> Result<()> {
         for name in &leftovers {
             if name == ROLLBACK {
                 finish_rollback(root, &guest)?;
-            } else if name.ends_with(MAKING) || name.ends_with(REMOVING) {
+            } else if name.ends_with(MAKING) || name.ends_with(REMOVING) || name == ROLLBACK_NEW {
                 let fd = snapshots_dir(root, &guest)?;
                 store::remove_guest_tree(root, fd.as_fd(), &dir, name.as_bytes())?;
             }
