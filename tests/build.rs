@@ -2,7 +2,6 @@
 //! and derived templates; errors; a killed template build or removal. (A killed `build --count`
 //! is in kill_loops.rs.)
 
-
 use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::MetadataExt;

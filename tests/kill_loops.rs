@@ -14,7 +14,6 @@
 //! sees. Trees are small (hundreds to a few thousand small files): many kills on small trees.
 //! Each loop prints its seed; `COWHERD_KILL_SEED_<LOOP>=N` (named in the message) replays one.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs::{self, File};

@@ -1,7 +1,6 @@
 //! SIGKILL at random instants of `unify` never changes what a guest sees, and the next run
 //! cleans up and finishes the job.
 
-
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};

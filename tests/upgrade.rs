@@ -9,7 +9,6 @@
 //! here names a package registry. A host without them, or without network, fails the test
 //! loudly.
 
-
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
