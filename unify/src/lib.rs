@@ -2,37 +2,23 @@
 //! linker, the marker policy and the host-root layout behind `cowherd`.
 #![warn(missing_docs)]
 
-mod candidates;
-mod create;
 mod error;
-mod fold;
-mod fsx;
-mod guest;
-mod hash;
-mod index;
-mod key;
-mod lifecycle;
-mod maintain;
-mod manifest;
-mod memory;
-mod mountinfo;
 mod open;
-mod overlay;
-mod plan;
-mod policy;
 mod progress;
 mod recover;
-mod reindex;
-mod release;
-mod replace;
-mod report;
 mod root;
-mod scan;
-mod snapshot;
-mod store;
-mod sys;
-mod unify;
-mod verify;
+
+mod guests;
+mod pipeline;
+mod storage;
+mod system;
+
+// The modules by their own names, crate-wide (`crate::store`, `crate::fsx`…): the folders
+// group them by concern; the paths inside the crate do not spell the folder.
+use guests::{create, fold, guest, lifecycle, manifest, memory, overlay, snapshot};
+use pipeline::{candidates, hash, plan, policy, release, replace, report, scan, unify};
+use storage::{index, key, maintain, reindex, store, verify};
+use system::{fsx, mountinfo, sys};
 
 pub use create::{
     CloneMode, CloneReport, NewGuest, TEMPLATE_REMOVING, TEMPLATE_STAGING, Tree, clone_tree,
